@@ -1,0 +1,1 @@
+"""Coding Plan gateway: metered OpenAI/Anthropic API passthrough and translation."""
