@@ -89,6 +89,8 @@ _REASONS: dict[str, tuple[int, str]] = {
     "issuer_mismatch": (401, "Sign-in failed: the identity token came from an unexpected issuer."),
     "token_exchange_failed": (401, "Sign-in failed: the provider refused the sign-in code."),
     "bad_signature": (401, "Sign-in failed: the identity token signature is invalid."),
+    # No published key has the token's kid: OIDCClient refetches the JWKS once, then says bad_signature.
+    "unknown_key": (401, "Sign-in failed: the identity token signature is invalid."),
     "wrong_audience": (401, "Sign-in failed: the identity token was issued for another application."),
     "expired": (401, "Sign-in failed: the identity token has expired."),
     "nonce_mismatch": (401, "Sign-in failed: the identity token does not belong to this sign-in."),
@@ -212,7 +214,7 @@ def verify_id_token(
     try:
         token = jwt.decode(id_token, keys, algorithms=_ID_TOKEN_ALGORITHMS)
     except InvalidKeyIdError:
-        raise
+        raise SignInError("unknown_key") from None
     except BadSignatureError:
         raise SignInError("bad_signature") from None
     except (JoseError, ValueError):
@@ -360,14 +362,17 @@ class OIDCClient:
         keys = await self._signing_keys(metadata, refresh=False)
         try:
             return self._verify(id_token, keys, pending.nonce, access_token)
-        except InvalidKeyIdError:
-            pass
+        except SignInError as error:
+            if error.reason != "unknown_key":
+                raise
         # An unknown kid usually means the issuer rotated its keys since we cached them: refetch once.
         keys = await self._signing_keys(metadata, refresh=True)
         try:
             return self._verify(id_token, keys, pending.nonce, access_token)
-        except InvalidKeyIdError:
-            raise SignInError("bad_signature") from None
+        except SignInError as error:
+            if error.reason == "unknown_key":
+                raise SignInError("bad_signature") from None
+            raise
 
     def _verify(self, id_token: str, keys: KeySet, nonce: str, access_token: str | None) -> Identity:
         return verify_id_token(

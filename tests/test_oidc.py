@@ -230,6 +230,15 @@ async def test_unknown_kid_refetches_jwks_once(issuer: FakeIssuer, http: aiohttp
     assert issuer.jwks_fetches == 2
 
 
+async def test_unknown_kid_after_refetch_is_bad_signature(
+    issuer: FakeIssuer, http: aiohttp.ClientSession
+) -> None:
+    client = make_client(issuer, http)
+    issuer.faults.add(Fault.UNKNOWN_KID)
+    assert (await refused(client, http)).reason == "bad_signature"
+    assert issuer.jwks_fetches == 2  # the cached set, then exactly one refetch
+
+
 async def test_unreachable_issuer_is_provider_unavailable(http: aiohttp.ClientSession) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -357,3 +366,4 @@ def test_symmetric_or_unsigned_tokens_are_refused() -> None:
     header, payload, _sig = _token().split(".")
     assert _reason(f"{header}.{payload}.") in {"invalid_token", "bad_signature"}
     assert _reason("not-a-jwt") == "invalid_token"
+    assert _reason(jwt.encode({"alg": "RS256", "kid": "nope"}, {"sub": "s1"}, _KEY)) == "unknown_key"

@@ -23,6 +23,7 @@ __all__ = ["FakeIssuer", "FakeUser", "Fault"]
 class Fault(enum.Enum):
     WRONG_AUDIENCE = "wrong_audience"
     BAD_SIGNATURE = "bad_signature"  # signed by a key that is not in the JWKS, under a published kid
+    UNKNOWN_KID = "unknown_kid"  # signed by an unpublished key under a kid the JWKS never lists
     EXPIRED = "expired"
     WRONG_NONCE = "wrong_nonce"
     WRONG_ISSUER = "wrong_issuer"  # the ID token's iss
@@ -242,4 +243,6 @@ class FakeIssuer:
         key = self._key
         if Fault.BAD_SIGNATURE in self.faults:
             key = RSAKey.generate_key(2048, {"kid": self._key.kid or "", "use": "sig", "alg": "RS256"})
+        if Fault.UNKNOWN_KID in self.faults:
+            key = RSAKey.generate_key(2048, {"kid": "unpublished", "use": "sig", "alg": "RS256"})
         return self.id_token(claims, key)
