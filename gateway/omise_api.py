@@ -360,7 +360,9 @@ class OmiseClient:
         if status >= 500 or status == 429:
             raise OmiseUnavailable("unavailable", f"Omise answered HTTP {status}", http_status=status)
         if obj is None or not 200 <= status < 300:
-            raise OmiseUnavailable("bad_response", f"unexpected Omise answer (HTTP {status})", http_status=status)
+            raise OmiseUnavailable(
+                "bad_response", f"unexpected Omise answer (HTTP {status})", http_status=status
+            )
         return obj
 
 
@@ -384,7 +386,7 @@ def verify_webhook_signature(
     if not secret_b64 or not signature_header or not timestamp_header:
         return False
     try:
-        secret = base64.b64decode(secret_b64, validate=True)
+        secret = base64.b64decode(secret_b64.strip(), validate=True)
     except (binascii.Error, ValueError):
         return False
     if not secret:
@@ -468,9 +470,9 @@ def _is_int(value: object) -> bool:
 
 def _int_field(obj: Mapping[str, Any], name: str) -> int:
     value = obj.get(name)
-    if not _is_int(value) or value < 0:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise _malformed(name)
-    return int(value)
+    return value
 
 
 def _currency_field(obj: Mapping[str, Any]) -> str:

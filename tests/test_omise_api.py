@@ -66,7 +66,9 @@ async def _card_charge(client: OmiseClient, fake: FakeOmise, number: str, **kw: 
 # -- charges -------------------------------------------------------------------------------
 
 
-async def test_card_charge_succeeds_with_amount_in_satang_and_our_metadata(client: OmiseClient, fake: FakeOmise) -> None:
+async def test_card_charge_succeeds_with_amount_in_satang_and_our_metadata(
+    client: OmiseClient, fake: FakeOmise
+) -> None:
     charge = await _card_charge(client, fake, CARD_SUCCESS, idempotency_key="topup:tp_1")
 
     assert charge.status == "successful" and charge.paid
@@ -111,7 +113,9 @@ async def test_3ds_charge_is_pending_then_successful_after_authorize(
     assert after.status == "successful" and after.paid and after.id == charge.id
 
 
-async def test_3ds_failure_surfaces_omise_reason(client: OmiseClient, fake: FakeOmise, session: aiohttp.ClientSession) -> None:
+async def test_3ds_failure_surfaces_omise_reason(
+    client: OmiseClient, fake: FakeOmise, session: aiohttp.ClientSession
+) -> None:
     charge = await _card_charge(client, fake, CARD_3DS)
     assert charge.authorize_uri is not None
     async with session.post(charge.authorize_uri, data={"outcome": "failure"}, allow_redirects=False) as done:
@@ -142,7 +146,9 @@ async def test_pending_charge_can_expire(client: OmiseClient, fake: FakeOmise) -
 async def test_promptpay_charge_has_qr_and_completes_when_paid(
     client: OmiseClient, fake: FakeOmise, session: aiohttp.ClientSession
 ) -> None:
-    charge = await client.create_promptpay_charge(30000, "thb", RETURN_URI, {"topup_id": "tp_2"}, "topup:tp_2")
+    charge = await client.create_promptpay_charge(
+        30000, "thb", RETURN_URI, {"topup_id": "tp_2"}, "topup:tp_2"
+    )
 
     assert charge.status == "pending" and not charge.paid
     assert charge.qr_uri is not None and charge.authorize_uri is None
@@ -151,7 +157,9 @@ async def test_promptpay_charge_has_qr_and_completes_when_paid(
     source_req = fake.requests_to("POST", "/sources")[0]
     charge_req = fake.requests_to("POST", "/charges")[0]
     assert source_req.body == {"type": "promptpay", "amount": 30000, "currency": "thb"}
-    assert charge_req.body["source"].startswith("src_test_") and charge_req.body["metadata"] == {"topup_id": "tp_2"}
+    assert charge_req.body["source"].startswith("src_test_") and charge_req.body["metadata"] == {
+        "topup_id": "tp_2"
+    }
     assert charge_req.idempotency_key == "topup:tp_2"
 
     fake.mark_paid(charge.id)
@@ -161,8 +169,12 @@ async def test_promptpay_charge_has_qr_and_completes_when_paid(
 
 async def test_same_idempotency_key_returns_the_same_charge(client: OmiseClient, fake: FakeOmise) -> None:
     token = fake.create_token(CARD_SUCCESS)
-    first = await client.create_card_charge(50000, "thb", token, RETURN_URI, {"topup_id": "tp_3"}, "topup:tp_3")
-    again = await client.create_card_charge(50000, "thb", token, RETURN_URI, {"topup_id": "tp_3"}, "topup:tp_3")
+    first = await client.create_card_charge(
+        50000, "thb", token, RETURN_URI, {"topup_id": "tp_3"}, "topup:tp_3"
+    )
+    again = await client.create_card_charge(
+        50000, "thb", token, RETURN_URI, {"topup_id": "tp_3"}, "topup:tp_3"
+    )
 
     assert again.id == first.id
     assert len(fake.charges) == 1
@@ -185,7 +197,9 @@ async def test_omise_validation_error_message_is_passed_through(client: OmiseCli
     assert err.value.code == "invalid_charge" and err.value.message == "amount must be at least 2000"
 
 
-async def test_wrong_secret_key_is_authentication_failure(fake: FakeOmise, session: aiohttp.ClientSession) -> None:
+async def test_wrong_secret_key_is_authentication_failure(
+    fake: FakeOmise, session: aiohttp.ClientSession
+) -> None:
     bad = OmiseClient("skey_test_wrong", session, api_base=fake.url)
     with pytest.raises(OmiseError) as err:
         await bad.retrieve_charge("chrg_test_abc")
@@ -198,8 +212,12 @@ async def test_unknown_charge_is_not_found(client: OmiseClient) -> None:
     assert (err.value.code, err.value.http_status) == ("not_found", 404)
 
 
-@pytest.mark.parametrize("bad_id", ["../accounts", "chrg_test_x/refunds", "CHRG_TEST_A", "chrg_test_a?x=1", ""])
-async def test_malformed_charge_id_never_reaches_omise(client: OmiseClient, fake: FakeOmise, bad_id: str) -> None:
+@pytest.mark.parametrize(
+    "bad_id", ["../accounts", "chrg_test_x/refunds", "CHRG_TEST_A", "chrg_test_a?x=1", ""]
+)
+async def test_malformed_charge_id_never_reaches_omise(
+    client: OmiseClient, fake: FakeOmise, bad_id: str
+) -> None:
     with pytest.raises(BadRequest) as err:
         await client.retrieve_charge(bad_id)
     assert err.value.param == "charge_id"
@@ -276,8 +294,12 @@ async def test_failed_charge_cannot_be_refunded(client: OmiseClient, fake: FakeO
 # -- transport: timeouts and retries -----------------------------------------------------------
 
 
-async def test_timeout_raises_promptly_against_a_hanging_endpoint(fake: FakeOmise, session: aiohttp.ClientSession) -> None:
-    quick = OmiseClient(fake.secret_key, session, api_base=fake.url, timeout_s=0.3, get_attempts=2, backoff_base_s=0.01)
+async def test_timeout_raises_promptly_against_a_hanging_endpoint(
+    fake: FakeOmise, session: aiohttp.ClientSession
+) -> None:
+    quick = OmiseClient(
+        fake.secret_key, session, api_base=fake.url, timeout_s=0.3, get_attempts=2, backoff_base_s=0.01
+    )
     token = fake.create_token(CARD_SUCCESS)
     fake.hang()
 
@@ -324,14 +346,8 @@ async def test_unreachable_omise_is_unavailable(session: aiohttp.ClientSession) 
     assert err.value.code == "unavailable"
 
 
-def test_client_repr_hides_the_secret_key() -> None:
-    async def make() -> str:
-        async with aiohttp.ClientSession() as s:
-            return repr(OmiseClient("skey_live_supersecret", s))
-
-    import asyncio
-
-    assert "supersecret" not in asyncio.run(make())
+async def test_client_repr_hides_the_secret_key(session: aiohttp.ClientSession) -> None:
+    assert "supersecret" not in repr(OmiseClient("skey_live_supersecret", session))
 
 
 # -- webhook signatures ------------------------------------------------------------------------
@@ -359,6 +375,7 @@ def test_bad_or_tampered_signature_is_rejected() -> None:
     assert not verify_webhook_signature(SECRET, body, sig, "", now=now)
     assert not verify_webhook_signature("", body, sig, ts, now=now)
     assert not verify_webhook_signature("not base64!", body, sig, ts, now=now)
+    assert verify_webhook_signature(f" {SECRET}\n", body, sig, ts, now=now)  # pasted with whitespace
     assert not verify_webhook_signature(SECRET, body, sig, "17e8", now=now)
     assert not verify_webhook_signature(SECRET, body, "é" * 64, ts, now=now)
 
@@ -390,25 +407,39 @@ def test_rotated_header_with_several_signatures_is_accepted() -> None:
 
 
 def test_parse_event_returns_only_key_and_charge_id(fake: FakeOmise) -> None:
-    charge = {"object": "charge", "id": "chrg_test_5abc", "status": "successful", "card": {"last_digits": "4242"}}
-    assert parse_event(json.dumps({"object": "event", "key": "charge.complete", "data": charge}).encode()) == EventRef(
-        "charge.complete", "chrg_test_5abc"
-    )
+    charge = {
+        "object": "charge",
+        "id": "chrg_test_5abc",
+        "status": "successful",
+        "card": {"last_digits": "4242"},
+    }
+    assert parse_event(
+        json.dumps({"object": "event", "key": "charge.complete", "data": charge}).encode()
+    ) == EventRef("charge.complete", "chrg_test_5abc")
     refund = {"object": "refund", "id": "rfnd_test_1", "charge": "chrg_test_5abc"}
     assert parse_event(json.dumps({"object": "event", "key": "refund.create", "data": refund}).encode()) == (
         "refund.create",
         "chrg_test_5abc",
     )
     transfer = {"object": "transfer", "id": "trsf_test_1"}
-    assert parse_event(json.dumps({"object": "event", "key": "transfer.create", "data": transfer}).encode()) == (
+    assert parse_event(
+        json.dumps({"object": "event", "key": "transfer.create", "data": transfer}).encode()
+    ) == (
         "transfer.create",
         None,
     )
     evil = {"object": "charge", "id": "chrg_test_1/../../accounts"}
-    assert parse_event(json.dumps({"object": "event", "key": "charge.complete", "data": evil}).encode()).charge_id is None
+    assert (
+        parse_event(
+            json.dumps({"object": "event", "key": "charge.complete", "data": evil}).encode()
+        ).charge_id
+        is None
+    )
 
 
-@pytest.mark.parametrize("body", [b"", b"not json", b"[]", b'{"object":"charge"}', b'{"object":"event","key":5}'])
+@pytest.mark.parametrize(
+    "body", [b"", b"not json", b"[]", b'{"object":"charge"}', b'{"object":"event","key":5}']
+)
 def test_parse_event_rejects_non_events(body: bytes) -> None:
     with pytest.raises(BadRequest):
         parse_event(body)
@@ -459,7 +490,9 @@ async def test_signed_event_delivered_many_times_concurrently(
     url, credited, seen = receiver
     charge = await _card_charge(client, fake, CARD_SUCCESS)
 
-    statuses = await fake.deliver_event(url, "charge.complete", charge.id, times=5, concurrent=True, sign_with=SECRET)
+    statuses = await fake.deliver_event(
+        url, "charge.complete", charge.id, times=5, concurrent=True, sign_with=SECRET
+    )
 
     assert statuses == [200] * 5 and seen == ["successful"] * 5
     assert credited == [charge.id]
@@ -474,8 +507,12 @@ async def test_unsigned_or_wrongly_signed_or_stale_events_are_refused(
     assert await fake.deliver_event(url, "charge.complete", charge.id) == [401]
     assert await fake.deliver_event(url, "charge.complete", charge.id, sign_with=OLD_SECRET) == [401]
     stale = int(time.time()) - 3600
-    assert await fake.deliver_event(url, "charge.complete", charge.id, sign_with=SECRET, timestamp=stale) == [401]
-    rotated = await fake.deliver_event(url, "charge.complete", charge.id, sign_with=OLD_SECRET, also_sign_with=SECRET)
+    assert await fake.deliver_event(url, "charge.complete", charge.id, sign_with=SECRET, timestamp=stale) == [
+        401
+    ]
+    rotated = await fake.deliver_event(
+        url, "charge.complete", charge.id, sign_with=OLD_SECRET, also_sign_with=SECRET
+    )
     assert rotated == [200]
     assert seen == ["successful"] and credited == [charge.id]
 

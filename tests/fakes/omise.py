@@ -105,7 +105,9 @@ class _Controls:
 class FakeOmise:
     """Fake Omise API; see the module docstring for the test cards and helpers."""
 
-    def __init__(self, *, secret_key: str = "skey_test_fake00000000000", public_key: str = "pkey_test_fake") -> None:
+    def __init__(
+        self, *, secret_key: str = "skey_test_fake00000000000", public_key: str = "pkey_test_fake"
+    ) -> None:
         self.secret_key = secret_key
         self.public_key = public_key
         self.charges: dict[str, dict[str, Any]] = {}
@@ -184,7 +186,9 @@ class FakeOmise:
         )
         self._sync_source(charge)
 
-    def fail_next_refund(self, code: str = "failed_refund", message: str = "charge can't be refunded") -> None:
+    def fail_next_refund(
+        self, code: str = "failed_refund", message: str = "charge can't be refunded"
+    ) -> None:
         self.controls.refund_errors.append((code, message))
 
     def fail_next_gets(self, *statuses: int) -> None:
@@ -222,7 +226,9 @@ class FakeOmise:
     def build_forged_event(self, charge_id: str, *, key: str = "charge.complete") -> bytes:
         """An event claiming the charge succeeded; Omise's real record may say otherwise."""
         forged = self.snapshot(charge_id)
-        forged.update(status="successful", paid=True, authorized=True, failure_code=None, failure_message=None)
+        forged.update(
+            status="successful", paid=True, authorized=True, failure_code=None, failure_message=None
+        )
         return self.build_event(key, charge_id, data=forged)
 
     async def deliver_event(
@@ -247,7 +253,11 @@ class FakeOmise:
         ``forged`` builds a body whose embedded charge claims success. Returns the statuses.
         """
         if body is None:
-            body = self.build_forged_event(charge_id, key=key) if forged else self.build_event(key, charge_id, data=data)
+            body = (
+                self.build_forged_event(charge_id, key=key)
+                if forged
+                else self.build_event(key, charge_id, data=data)
+            )
         ts = str(timestamp if timestamp is not None else int(time.time()))
         headers = {"Content-Type": "application/json", "User-Agent": "Omise/2019-05-29"}
         if sign_with is not None:
@@ -270,7 +280,9 @@ class FakeOmise:
         self.deliveries.extend(statuses)
         return statuses
 
-    async def deliver_events(self, url: str, bodies: Iterable[bytes], *, sign_with: str | None = None) -> list[int]:
+    async def deliver_events(
+        self, url: str, bodies: Iterable[bytes], *, sign_with: str | None = None
+    ) -> list[int]:
         """Deliver prepared event bodies in the given order (for out-of-order delivery)."""
         statuses: list[int] = []
         for body in bodies:
@@ -289,7 +301,9 @@ class FakeOmise:
         if not isinstance(amount, int) or isinstance(amount, bool) or amount < 2000:
             return self._remember(request, _error(400, "invalid_charge", "amount must be at least 2000"))
         if not isinstance(currency, str) or currency.lower() != "thb":
-            return self._remember(request, _error(400, "invalid_charge", "currency is currently not supported"))
+            return self._remember(
+                request, _error(400, "invalid_charge", "currency is currently not supported")
+            )
         return_uri = body.get("return_uri")
         charge_id = _omise_id("chrg")
         charge = _new_charge(charge_id, amount, currency.upper(), body.get("metadata"), return_uri)
@@ -308,15 +322,25 @@ class FakeOmise:
             if card.number == CARD_3DS:
                 charge["authorize_uri"] = f"{self.url}/3ds/{charge_id}"
             elif card.number == CARD_INSUFFICIENT:
-                self._mark_failed(charge, "insufficient_fund", "insufficient funds in the account or the card has reached the credit limit")
+                self._mark_failed(
+                    charge,
+                    "insufficient_fund",
+                    "insufficient funds in the account or the card has reached the credit limit",
+                )
             elif card.number != CARD_PENDING:
                 self._mark_successful(charge)
         elif isinstance(source, str | dict):
-            src = self.sources.get(source) if isinstance(source, str) else self._new_source(source, amount, currency)
+            src = (
+                self.sources.get(source)
+                if isinstance(source, str)
+                else self._new_source(source, amount, currency)
+            )
             if src is None:
                 return self._remember(request, _error(404, "not_found", f"source {source} was not found"))
             if src["amount"] != amount:
-                return self._remember(request, _error(400, "invalid_charge", "amount does not match source amount"))
+                return self._remember(
+                    request, _error(400, "invalid_charge", "amount does not match source amount")
+                )
             charge["source"] = src
             self.charges[charge_id] = charge
             self._sync_source(charge)
@@ -343,7 +367,9 @@ class FakeOmise:
             return replay
         charge = self.charges.get(request.match_info["id"])
         if charge is None:
-            return self._remember(request, _error(404, "not_found", f"charge {request.match_info['id']} was not found"))
+            return self._remember(
+                request, _error(404, "not_found", f"charge {request.match_info['id']} was not found")
+            )
         if self.controls.refund_errors:
             code, message = self.controls.refund_errors.pop(0)
             return self._remember(request, _error(400, code, message))
@@ -597,7 +623,12 @@ def _card_object(card: _Card) -> dict[str, Any]:
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
-    payload = {"object": "error", "location": _ERROR_DOCS + code.replace("_", "-"), "code": code, "message": message}
+    payload = {
+        "object": "error",
+        "location": _ERROR_DOCS + code.replace("_", "-"),
+        "code": code,
+        "message": message,
+    }
     return web.json_response(payload, status=status)
 
 
