@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +139,7 @@ def count_text(text: str) -> int:
 
 
 async def count_text_async(text: str) -> int:
+    """``count_text``, in a worker thread when the text is large."""
     if len(text) <= ASYNC_THRESHOLD_CHARS:
         return count_text(text)
     encoding = _encoding()  # fail on the loop, with the clear message, not in the worker
@@ -270,31 +270,43 @@ def _collect_anthropic(body: dict[str, Any], parts: list[str]) -> int:
     return overhead
 
 
-def _joined(parts: Iterable[str]) -> str:
-    return "\n".join(parts)
+def _count_parts(parts: list[str]) -> int:
+    # Each part is encoded on its own, as OpenAI's cookbook counts messages; joining them would
+    # add a separator token per part and merge tokens across boundaries.
+    encode = _encoding().encode_ordinary
+    return sum(len(encode(part)) for part in parts if part)
+
+
+async def _count_parts_async(parts: list[str]) -> int:
+    if sum(map(len, parts)) <= ASYNC_THRESHOLD_CHARS:
+        return _count_parts(parts)
+    _encoding()  # fail on the loop, with the clear message, not in the worker
+    return await asyncio.get_running_loop().run_in_executor(None, _count_parts, parts)
 
 
 def count_openai_request(body: dict[str, Any]) -> int:
     """Estimated prompt tokens of an OpenAI Chat Completions body."""
     parts: list[str] = []
     overhead = _collect_openai(body, parts)
-    return overhead + count_text(_joined(parts))
+    return overhead + _count_parts(parts)
 
 
 def count_anthropic_request(body: dict[str, Any]) -> int:
     """Estimated prompt tokens of an Anthropic Messages (or count_tokens) body."""
     parts: list[str] = []
     overhead = _collect_anthropic(body, parts)
-    return overhead + count_text(_joined(parts))
+    return overhead + _count_parts(parts)
 
 
 async def count_openai_request_async(body: dict[str, Any]) -> int:
+    """``count_openai_request``, in a worker thread when the text is large."""
     parts: list[str] = []
     overhead = _collect_openai(body, parts)
-    return overhead + await count_text_async(_joined(parts))
+    return overhead + await _count_parts_async(parts)
 
 
 async def count_anthropic_request_async(body: dict[str, Any]) -> int:
+    """``count_anthropic_request``, in a worker thread when the text is large."""
     parts: list[str] = []
     overhead = _collect_anthropic(body, parts)
-    return overhead + await count_text_async(_joined(parts))
+    return overhead + await _count_parts_async(parts)
