@@ -38,9 +38,7 @@ __all__ = [
 BPE_PATH = Path(__file__).parent / "data" / "cl100k_base.tiktoken"
 # tiktoken's published sha256 of cl100k_base.tiktoken (tiktoken_ext/openai_public.py).
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
-_CL100K_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
-)
+_CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 _CL100K_SPECIAL = {
     "<|endoftext|>": 100257,
     "<|fim_prefix|>": 100258,
@@ -233,7 +231,11 @@ def _anthropic_blocks(content: Any, parts: list[str]) -> int:
             overhead += IMAGE_TOKENS_ANTHROPIC
         elif kind == "document":
             source = block.get("source")
-            if isinstance(source, dict) and source.get("type") == "text" and isinstance(source.get("data"), str):
+            if (
+                isinstance(source, dict)
+                and source.get("type") == "text"
+                and isinstance(source.get("data"), str)
+            ):
                 parts.append(source["data"])
             elif isinstance(source, dict) and source.get("type") == "content":
                 overhead += _anthropic_blocks(source.get("content"), parts)

@@ -33,11 +33,18 @@ TOOLS = (
     FakeToolCall("run_shell", '{"command": "pytest -q tests/test_tokens.py"}'),
 )
 OPENAI_BODY: dict[str, Any] = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}]}
-ANTHROPIC_BODY: dict[str, Any] = {"model": "claude-x", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+ANTHROPIC_BODY: dict[str, Any] = {
+    "model": "claude-x",
+    "max_tokens": 64,
+    "messages": [{"role": "user", "content": "hi"}],
+}
 
 
 async def _post(fake: FakeUpstream, path: str, body: dict[str, Any], **headers: str) -> tuple[int, bytes]:
-    async with aiohttp.ClientSession() as session, session.post(fake.url + path, json=body, headers=headers) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(fake.url + path, json=body, headers=headers) as resp,
+    ):
         return resp.status, await resp.read()
 
 
@@ -66,7 +73,9 @@ async def test_openai_stream_without_include_usage_has_no_usage(fake_upstream: F
     assert all(c["model"] == "deepseek-chat" and c["object"] == "chat.completion.chunk" for c in chunks)
 
 
-async def test_openai_stream_with_include_usage_ends_with_choiceless_usage_chunk(fake_upstream: FakeUpstream) -> None:
+async def test_openai_stream_with_include_usage_ends_with_choiceless_usage_chunk(
+    fake_upstream: FakeUpstream,
+) -> None:
     body = {**OPENAI_BODY, "stream": True, "stream_options": {"include_usage": True}}
     _, raw = await _post(fake_upstream, "/v1/chat/completions", body)
     chunks = _json_events(raw)
@@ -79,13 +88,29 @@ async def test_openai_stream_with_include_usage_ends_with_choiceless_usage_chunk
     assert len([c for c in content if c["choices"][0]["delta"].get("content")]) == 4
 
 
-async def test_deepseek_stream_puts_reasoning_first_and_usage_on_finish_chunk(fake_upstream: FakeUpstream) -> None:
-    fake_upstream.script = Script(flavour="deepseek", reasoning="Think, then answer.", reasoning_chunks=3, text="Answer.", text_chunks=2)
+async def test_deepseek_stream_puts_reasoning_first_and_usage_on_finish_chunk(
+    fake_upstream: FakeUpstream,
+) -> None:
+    fake_upstream.script = Script(
+        flavour="deepseek", reasoning="Think, then answer.", reasoning_chunks=3, text="Answer.", text_chunks=2
+    )
     _, raw = await _post(fake_upstream, "/chat/completions", {**OPENAI_BODY, "stream": True})
     chunks = _json_events(raw)
-    kinds = [("r" if c["choices"][0]["delta"].get("reasoning_content") else "c" if c["choices"][0]["delta"].get("content") else "-") for c in chunks]
+    kinds = [
+        (
+            "r"
+            if c["choices"][0]["delta"].get("reasoning_content")
+            else "c"
+            if c["choices"][0]["delta"].get("content")
+            else "-"
+        )
+        for c in chunks
+    ]
     assert kinds == ["-", "r", "r", "r", "c", "c", "-"]
-    assert "".join(c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks) == "Think, then answer."
+    assert (
+        "".join(c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks)
+        == "Think, then answer."
+    )
     finish = chunks[-1]
     assert finish["choices"][0]["finish_reason"] == "stop"
     usage = finish["usage"]
@@ -115,7 +140,9 @@ async def test_openai_parallel_tool_calls_are_fragmented_by_index(fake_upstream:
 
 
 async def test_anthropic_stream_event_sequence(fake_upstream: FakeUpstream) -> None:
-    fake_upstream.script = Script(reasoning="hmm", text="Hello.", tool_calls=TOOLS[:1], usage=FakeUsage(10, 20, 30, 40))
+    fake_upstream.script = Script(
+        reasoning="hmm", text="Hello.", tool_calls=TOOLS[:1], usage=FakeUsage(10, 20, 30, 40)
+    )
     status, raw = await _post(fake_upstream, "/v1/messages?beta=true", {**ANTHROPIC_BODY, "stream": True})
     assert status == 200
     events = _events(raw)
@@ -125,11 +152,20 @@ async def test_anthropic_stream_event_sequence(fake_upstream: FakeUpstream) -> N
     assert names[:2] == ["message_start", "ping"]
     assert names[-2:] == ["message_delta", "message_stop"]
     starts = [orjson.loads(e.data) for e in events if e.event == "content_block_start"]
-    assert [(s["index"], s["content_block"]["type"]) for s in starts] == [(0, "thinking"), (1, "text"), (2, "tool_use")]
+    assert [(s["index"], s["content_block"]["type"]) for s in starts] == [
+        (0, "thinking"),
+        (1, "text"),
+        (2, "tool_use"),
+    ]
     deltas = [orjson.loads(e.data)["delta"]["type"] for e in events if e.event == "content_block_delta"]
     assert "signature_delta" in deltas and "input_json_delta" in deltas
     start_usage = orjson.loads(events[0].data)["message"]["usage"]
-    assert start_usage == {"input_tokens": 20, "cache_creation_input_tokens": 40, "cache_read_input_tokens": 10, "output_tokens": 1}
+    assert start_usage == {
+        "input_tokens": 20,
+        "cache_creation_input_tokens": 40,
+        "cache_read_input_tokens": 10,
+        "output_tokens": 1,
+    }
     delta = orjson.loads(events[-2].data)
     assert delta["usage"] == {"output_tokens": 30}
     assert delta["delta"]["stop_reason"] == "tool_use"
@@ -151,7 +187,12 @@ async def test_non_stream_keepalives_are_blank_lines_before_the_json(fake_upstre
 
 
 async def test_requests_are_recorded_with_path_headers_and_body(fake_upstream: FakeUpstream) -> None:
-    await _post(fake_upstream, "/v1/messages?beta=true", ANTHROPIC_BODY, **{"anthropic-version": "2023-06-01", "x-api-key": "k"})
+    await _post(
+        fake_upstream,
+        "/v1/messages?beta=true",
+        ANTHROPIC_BODY,
+        **{"anthropic-version": "2023-06-01", "x-api-key": "k"},
+    )
     recorded = fake_upstream.requests[-1]
     assert recorded.path == "/v1/messages"
     assert recorded.query_string == "beta=true"
@@ -191,7 +232,9 @@ async def test_anthropic_body_without_max_tokens_is_rejected(fake_upstream: Fake
 async def test_die_after_truncates_the_chunked_body(fake_upstream: FakeUpstream) -> None:
     fake_upstream.script = Script(die_after=3)
     async with aiohttp.ClientSession() as session:
-        async with session.post(fake_upstream.url + "/v1/messages", json={**ANTHROPIC_BODY, "stream": True}) as resp:
+        async with session.post(
+            fake_upstream.url + "/v1/messages", json={**ANTHROPIC_BODY, "stream": True}
+        ) as resp:
             received = b""
             with pytest.raises(aiohttp.ClientPayloadError):
                 async for piece in resp.content.iter_any():
@@ -204,7 +247,9 @@ async def test_die_after_truncates_the_chunked_body(fake_upstream: FakeUpstream)
 async def test_client_leaving_mid_stream_is_counted(fake_upstream: FakeUpstream) -> None:
     fake_upstream.script = Script(text_chunks=50, chunk_delay_s=0.02)
     async with aiohttp.ClientSession() as session:
-        resp = await session.post(fake_upstream.url + "/v1/chat/completions", json={**OPENAI_BODY, "stream": True})
+        resp = await session.post(
+            fake_upstream.url + "/v1/chat/completions", json={**OPENAI_BODY, "stream": True}
+        )
         await resp.content.readline()
         resp.close()
         await fake_upstream.wait_disconnects(1, timeout=2)
@@ -212,7 +257,9 @@ async def test_client_leaving_mid_stream_is_counted(fake_upstream: FakeUpstream)
     await fake_upstream.wait_idle()
 
 
-async def test_hang_never_answers_and_a_client_timeout_counts_as_disconnect(fake_upstream: FakeUpstream) -> None:
+async def test_hang_never_answers_and_a_client_timeout_counts_as_disconnect(
+    fake_upstream: FakeUpstream,
+) -> None:
     fake_upstream.script = Script(hang=True)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.2)) as session:
         with pytest.raises(asyncio.TimeoutError):
@@ -224,7 +271,9 @@ async def test_hang_never_answers_and_a_client_timeout_counts_as_disconnect(fake
 async def test_stall_after_keeps_the_connection_silent(fake_upstream: FakeUpstream) -> None:
     fake_upstream.script = Script(stall_after=2)
     async with aiohttp.ClientSession() as session:
-        async with session.post(fake_upstream.url + "/v1/messages", json={**ANTHROPIC_BODY, "stream": True}) as resp:
+        async with session.post(
+            fake_upstream.url + "/v1/messages", json={**ANTHROPIC_BODY, "stream": True}
+        ) as resp:
             assert (await resp.content.readuntil(b"\n\n")).startswith(b"event: message_start")
             assert (await resp.content.readuntil(b"\n\n")).startswith(b"event: ping")
             with pytest.raises(asyncio.TimeoutError):
@@ -262,7 +311,9 @@ def _anthropic_client(fake: FakeUpstream) -> anthropic.AsyncAnthropic:
 
 async def test_openai_sdk_non_stream(fake_upstream: FakeUpstream) -> None:
     async with _openai_client(fake_upstream) as client:
-        completion = await client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hi"}])
+        completion = await client.chat.completions.create(
+            model="gpt-x", messages=[{"role": "user", "content": "hi"}]
+        )
     assert completion.choices[0].message.content == DEFAULT_TEXT
     assert completion.model == "gpt-x"
     assert completion.usage is not None
@@ -288,11 +339,13 @@ async def test_openai_sdk_stream_with_usage(fake_upstream: FakeUpstream) -> None
 async def test_openai_sdk_stream_helper_assembles_parallel_tool_calls(fake_upstream: FakeUpstream) -> None:
     fake_upstream.script = Script(text="", tool_calls=TOOLS)
     async with _openai_client(fake_upstream) as client:
-        async with client.chat.completions.stream(model="gpt-x", messages=[{"role": "user", "content": "hi"}]) as stream:
+        async with client.chat.completions.stream(
+            model="gpt-x", messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
             final = await stream.get_final_completion()
     calls = final.choices[0].message.tool_calls or []
-    assert [c.function.name for c in calls] == ["read_file", "run_shell"]  # type: ignore[union-attr]
-    assert [json.loads(c.function.arguments) for c in calls] == [json.loads(t.arguments) for t in TOOLS]  # type: ignore[union-attr]
+    assert [c.function.name for c in calls] == ["read_file", "run_shell"]
+    assert [json.loads(c.function.arguments) for c in calls] == [json.loads(t.arguments) for t in TOOLS]
     assert final.choices[0].finish_reason == "tool_calls"
 
 
@@ -308,7 +361,9 @@ async def test_openai_sdk_raises_on_http_error(fake_upstream: FakeUpstream) -> N
 async def test_openai_sdk_raises_on_mid_stream_error(fake_upstream: FakeUpstream) -> None:
     fake_upstream.script = Script(error_after=3, error_message="overloaded")
     async with _openai_client(fake_upstream) as client:
-        stream = await client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hi"}], stream=True)
+        stream = await client.chat.completions.create(
+            model="gpt-x", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
         seen = 0
         with pytest.raises(openai.APIError, match="overloaded"):
             async for _ in stream:
@@ -317,14 +372,22 @@ async def test_openai_sdk_raises_on_mid_stream_error(fake_upstream: FakeUpstream
 
 
 async def test_anthropic_sdk_non_stream_with_tools_and_thinking(fake_upstream: FakeUpstream) -> None:
-    fake_upstream.script = Script(reasoning="plan", text="Reading.", tool_calls=TOOLS, usage=FakeUsage(5, 6, 7, 8))
+    fake_upstream.script = Script(
+        reasoning="plan", text="Reading.", tool_calls=TOOLS, usage=FakeUsage(5, 6, 7, 8)
+    )
     async with _anthropic_client(fake_upstream) as client:
-        message = await client.messages.create(model="claude-x", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
+        message = await client.messages.create(
+            model="claude-x", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+        )
     assert [b.type for b in message.content] == ["thinking", "text", "tool_use", "tool_use"]
     tool = message.content[2]
     assert tool.type == "tool_use" and tool.input == json.loads(TOOLS[0].arguments)
     assert message.stop_reason == "tool_use"
-    assert (message.usage.input_tokens, message.usage.cache_read_input_tokens, message.usage.cache_creation_input_tokens) == (6, 5, 8)
+    assert (
+        message.usage.input_tokens,
+        message.usage.cache_read_input_tokens,
+        message.usage.cache_creation_input_tokens,
+    ) == (6, 5, 8)
     headers = fake_upstream.requests[-1].headers
     # This SDK version authenticates with Bearer; older ones send x-api-key. Gateways take both.
     assert headers.get("x-api-key") == "sk-test" or headers.get("Authorization") == "Bearer sk-test"
@@ -332,14 +395,22 @@ async def test_anthropic_sdk_non_stream_with_tools_and_thinking(fake_upstream: F
 
 
 async def test_anthropic_sdk_stream_accumulates_the_message(fake_upstream: FakeUpstream) -> None:
-    fake_upstream.script = Script(reasoning="step by step", text="Done.", tool_calls=TOOLS, argument_chunks=5, keepalive_every=3)
+    fake_upstream.script = Script(
+        reasoning="step by step", text="Done.", tool_calls=TOOLS, argument_chunks=5, keepalive_every=3
+    )
     async with _anthropic_client(fake_upstream) as client:
-        async with client.messages.stream(model="claude-x", max_tokens=64, messages=[{"role": "user", "content": "hi"}]) as stream:
+        async with client.messages.stream(
+            model="claude-x", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
             message = await stream.get_final_message()
     kinds = [b.type for b in message.content]
     assert kinds == ["thinking", "text", "tool_use", "tool_use"]
     thinking, text, first, second = message.content
-    assert thinking.type == "thinking" and thinking.thinking == "step by step" and thinking.signature == "fake-signature"
+    assert (
+        thinking.type == "thinking"
+        and thinking.thinking == "step by step"
+        and thinking.signature == "fake-signature"
+    )
     assert text.type == "text" and text.text == "Done."
     assert first.type == "tool_use" and first.input == json.loads(TOOLS[0].arguments)
     assert second.type == "tool_use" and second.input == json.loads(TOOLS[1].arguments)
@@ -351,7 +422,9 @@ async def test_anthropic_sdk_raises_on_http_error(fake_upstream: FakeUpstream) -
     fake_upstream.script = Script(status=529, error_message="Overloaded")
     async with _anthropic_client(fake_upstream) as client:
         with pytest.raises(anthropic.InternalServerError) as info:
-            await client.messages.create(model="claude-x", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
+            await client.messages.create(
+                model="claude-x", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+            )
     assert info.value.status_code == 529
     assert isinstance(info.value.body, dict) and info.value.body["error"]["type"] == "overloaded_error"
 
@@ -360,7 +433,9 @@ async def test_anthropic_sdk_raises_on_error_event(fake_upstream: FakeUpstream) 
     fake_upstream.script = Script(error_after=4)
     async with _anthropic_client(fake_upstream) as client:
         with pytest.raises(anthropic.APIStatusError) as info:
-            async with client.messages.stream(model="claude-x", max_tokens=64, messages=[{"role": "user", "content": "hi"}]) as stream:
+            async with client.messages.stream(
+                model="claude-x", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+            ) as stream:
                 async for _ in stream:
                     pass
     assert isinstance(info.value.body, dict) and info.value.body["error"]["type"] == "overloaded_error"
@@ -369,7 +444,9 @@ async def test_anthropic_sdk_raises_on_error_event(fake_upstream: FakeUpstream) 
 async def test_sdk_sees_connection_cut_as_an_error(fake_upstream: FakeUpstream) -> None:
     fake_upstream.script = Script(die_after=4)
     async with _openai_client(fake_upstream) as client:
-        stream = await client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hi"}], stream=True)
+        stream = await client.chat.completions.create(
+            model="gpt-x", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
         with pytest.raises(openai.APIError):
             async for _ in stream:
                 pass
@@ -389,7 +466,11 @@ def test_usage_for_follows_each_provider_style() -> None:
     script = Script(usage=FakeUsage(1, 2, 3, 4))
     anthropic_usage = usage_for(script, "anthropic", stream=True)
     assert anthropic_usage is not None
-    assert (anthropic_usage.input_cache_hit, anthropic_usage.input_cache_miss, anthropic_usage.cache_write) == (1, 2, 4)
+    assert (
+        anthropic_usage.input_cache_hit,
+        anthropic_usage.input_cache_miss,
+        anthropic_usage.cache_write,
+    ) == (1, 2, 4)
     assert usage_for(script, "openai", stream=True) is None  # no include_usage, no usage
     openai_usage = usage_for(script, "openai", stream=True, include_usage=True)
     assert openai_usage is not None and openai_usage.input_cache_miss == 6 and openai_usage.cache_write == 0

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -33,12 +34,30 @@ REPO = Path(__file__).resolve().parent.parent
 # OpenAI cookbook "How to count tokens with tiktoken": 129 prompt tokens for gpt-4 / gpt-3.5-turbo-0613,
 # a figure the cookbook checks against the API's own usage.prompt_tokens.
 COOKBOOK_MESSAGES = [
-    {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English."},
+    {
+        "role": "system",
+        "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English.",
+    },
     {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
-    {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
-    {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."},
-    {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to do better."},
-    {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client deliverable."},
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Things working well together will increase revenue.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Let's talk later when we're less busy about how to do better.",
+    },
+    {
+        "role": "user",
+        "content": "This late pivot means we don't have time to boil the ocean for the client deliverable.",
+    },
 ]
 
 
@@ -117,8 +136,15 @@ def test_fresh_process_refuses_to_count_before_load_and_loads_offline(tmp_path: 
         print("ok")
         """
     )
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(cache), "DATA_GYM_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", program], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "TIKTOKEN_CACHE_DIR": str(cache),
+        "DATA_GYM_CACHE_DIR": str(cache),
+        "PYTHONPATH": str(REPO),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", program], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ok"
     assert list(cache.iterdir()) == []  # nothing fetched, nothing cached
@@ -129,10 +155,21 @@ def test_openai_request_matches_the_cookbook_count() -> None:
 
 
 def test_openai_request_counts_parts_tools_and_images() -> None:
-    base = {"model": "m", "messages": [{"role": "user", "content": "hello world"}]}
+    base: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hello world"}]}
     plain = count_openai_request(base)
     assert plain == 3 + 3 + count_text("user") + 2
-    parts = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hello world"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
+    parts = {
+        "model": "m",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "hello world"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ],
+            }
+        ],
+    }
     assert count_openai_request(parts) == plain + IMAGE_TOKENS_OPENAI
     tools = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]
     assert count_openai_request({**base, "tools": tools}) == plain + count_text(orjson.dumps(tools).decode())
@@ -140,37 +177,82 @@ def test_openai_request_counts_parts_tools_and_images() -> None:
         "role": "assistant",
         "content": None,
         "reasoning_content": "think",
-        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "a.py"}'}}],
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "read_file", "arguments": '{"path": "a.py"}'},
+            }
+        ],
     }
     result = {"role": "tool", "tool_call_id": "c1", "content": "print(1)"}
     both = count_openai_request({"model": "m", "messages": [*base["messages"], call, result]})
     expected_extra = (
-        3 + count_text("assistant") + count_text("think") + 3 + count_text("read_file") + count_text('{"path": "a.py"}')
-        + 3 + count_text("tool") + count_text("print(1)")
+        3
+        + count_text("assistant")
+        + count_text("think")
+        + 3
+        + count_text("read_file")
+        + count_text('{"path": "a.py"}')
+        + 3
+        + count_text("tool")
+        + count_text("print(1)")
     )
     assert both == plain + expected_extra
 
 
 def test_anthropic_request_counts_system_blocks_tools_and_images() -> None:
-    base = {"model": "c", "max_tokens": 10, "messages": [{"role": "user", "content": "hello world"}]}
+    base: dict[str, Any] = {
+        "model": "c",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hello world"}],
+    }
     plain = count_anthropic_request(base)
     assert plain == 3 + 3 + 2
     system = [{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}]
     assert count_anthropic_request({**base, "system": system}) == plain + count_text("You are terse.")
-    assert count_anthropic_request({**base, "system": "You are terse."}) == plain + count_text("You are terse.")
+    assert count_anthropic_request({**base, "system": "You are terse."}) == plain + count_text(
+        "You are terse."
+    )
     tools = [{"name": "bash", "description": "run", "input_schema": {"type": "object"}}]
-    assert count_anthropic_request({**base, "tools": tools}) == plain + count_text(orjson.dumps(tools).decode())
+    assert count_anthropic_request({**base, "tools": tools}) == plain + count_text(
+        orjson.dumps(tools).decode()
+    )
     turn = [
-        {"role": "assistant", "content": [
-            {"type": "thinking", "thinking": "plan", "signature": "sig"},
-            {"type": "tool_use", "id": "t1", "name": "bash", "input": {"command": "ls"}},
-        ]},
-        {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "a.py"}, {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA"}}]},
-        ]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "plan", "signature": "sig"},
+                {"type": "tool_use", "id": "t1", "name": "bash", "input": {"command": "ls"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "t1",
+                    "content": [
+                        {"type": "text", "text": "a.py"},
+                        {
+                            "type": "image",
+                            "source": {"type": "base64", "media_type": "image/png", "data": "AA"},
+                        },
+                    ],
+                },
+            ],
+        },
     ]
     counted = count_anthropic_request({**base, "messages": [*base["messages"], *turn]})
-    extra = 3 + count_text("plan") + count_text("bash") + count_text('{"command":"ls"}') + 3 + count_text("a.py") + IMAGE_TOKENS_ANTHROPIC
+    extra = (
+        3
+        + count_text("plan")
+        + count_text("bash")
+        + count_text('{"command":"ls"}')
+        + 3
+        + count_text("a.py")
+        + IMAGE_TOKENS_ANTHROPIC
+    )
     assert counted == plain + extra
 
 
@@ -180,7 +262,10 @@ def test_anthropic_request_counts_system_blocks_tools_and_images() -> None:
         {},
         {"messages": "nope"},
         {"messages": [None, 3, {"role": 5, "content": 7}, {"content": [None, {"type": "text", "text": 9}]}]},
-        {"messages": [{"role": "user", "content": [{"type": "tool_result", "content": {"bad": 1}}]}], "system": 12},
+        {
+            "messages": [{"role": "user", "content": [{"type": "tool_result", "content": {"bad": 1}}]}],
+            "system": 12,
+        },
         {"messages": [{"role": "assistant", "tool_calls": [None, {"function": "x"}]}], "tools": "x"},
     ],
 )
@@ -193,10 +278,17 @@ async def test_async_variants_agree_with_sync() -> None:
     small = {"messages": COOKBOOK_MESSAGES}
     assert await count_openai_request_async(small) == 129
     big_text = "def f(x):\n    return x * 2  # comment\n" * 2_000
-    big = {"model": "c", "max_tokens": 1, "system": big_text, "messages": [{"role": "user", "content": big_text}]}
+    big = {
+        "model": "c",
+        "max_tokens": 1,
+        "system": big_text,
+        "messages": [{"role": "user", "content": big_text}],
+    }
     assert len(big_text) > tokens.ASYNC_THRESHOLD_CHARS
     assert await count_anthropic_request_async(big) == count_anthropic_request(big)
-    assert await count_openai_request_async({"messages": big["messages"]}) == count_openai_request({"messages": big["messages"]})
+    assert await count_openai_request_async({"messages": big["messages"]}) == count_openai_request(
+        {"messages": big["messages"]}
+    )
     assert await count_text_async(big_text) == count_text(big_text)
     assert await count_text_async("hello world") == 2
 

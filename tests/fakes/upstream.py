@@ -207,10 +207,18 @@ def _openai_stream(script: Script, model: str, include_usage: bool) -> tuple[byt
         return _sse({**head, "choices": [choice], **null_usage, **extra})
 
     frames = [chunk({"role": "assistant", "content": ""})]
-    frames += [chunk({"content": None, "reasoning_content": p}) for p in split_text(script.reasoning, script.reasoning_chunks)]
+    frames += [
+        chunk({"content": None, "reasoning_content": p})
+        for p in split_text(script.reasoning, script.reasoning_chunks)
+    ]
     frames += [chunk({"content": p}) for p in split_text(script.text, script.text_chunks)]
     for n, call in enumerate(script.tool_calls):
-        first = {"index": n, "id": _tool_id(call, n, "openai"), "type": "function", "function": {"name": call.name, "arguments": ""}}
+        first = {
+            "index": n,
+            "id": _tool_id(call, n, "openai"),
+            "type": "function",
+            "function": {"name": call.name, "arguments": ""},
+        }
         frames.append(chunk({"tool_calls": [first]}))
         for piece in split_text(call.arguments, script.argument_chunks):
             frames.append(chunk({"tool_calls": [{"index": n, "function": {"arguments": piece}}]}))
@@ -232,7 +240,11 @@ def _openai_body(script: Script, model: str) -> bytes:
         message["reasoning_content"] = script.reasoning
     if script.tool_calls:
         message["tool_calls"] = [
-            {"id": _tool_id(c, n, "openai"), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            {
+                "id": _tool_id(c, n, "openai"),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            }
             for n, c in enumerate(script.tool_calls)
         ]
     body: dict[str, Any] = {
@@ -240,7 +252,9 @@ def _openai_body(script: Script, model: str) -> bytes:
         "object": "chat.completion",
         "created": CREATED,
         "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(script)}],
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(script)}
+        ],
         "system_fingerprint": "fp_fake",
     }
     usage = _openai_usage(script)
@@ -256,7 +270,14 @@ def _anthropic_blocks(script: Script) -> list[dict[str, Any]]:
     if script.text:
         blocks.append({"type": "text", "text": script.text})
     for n, call in enumerate(script.tool_calls):
-        blocks.append({"type": "tool_use", "id": _tool_id(call, n, "anthropic"), "name": call.name, "input": orjson.loads(call.arguments or "{}")})
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": _tool_id(call, n, "anthropic"),
+                "name": call.name,
+                "input": orjson.loads(call.arguments or "{}"),
+            }
+        )
     return blocks
 
 
@@ -279,14 +300,23 @@ def _anthropic_stream(script: Script, model: str) -> tuple[bytes, ...]:
         frames.append(_sse({"type": "ping"}, "ping"))
 
     def block(index: int, start: dict[str, Any], deltas: list[dict[str, Any]]) -> None:
-        frames.append(_sse({"type": "content_block_start", "index": index, "content_block": start}, "content_block_start"))
+        frames.append(
+            _sse(
+                {"type": "content_block_start", "index": index, "content_block": start}, "content_block_start"
+            )
+        )
         for delta in deltas:
-            frames.append(_sse({"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta"))
+            frames.append(
+                _sse({"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta")
+            )
         frames.append(_sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
 
     index = 0
     if script.reasoning:
-        deltas = [{"type": "thinking_delta", "thinking": p} for p in split_text(script.reasoning, script.reasoning_chunks)]
+        deltas = [
+            {"type": "thinking_delta", "thinking": p}
+            for p in split_text(script.reasoning, script.reasoning_chunks)
+        ]
         deltas.append({"type": "signature_delta", "signature": "fake-signature"})
         block(index, {"type": "thinking", "thinking": "", "signature": ""}, deltas)
         index += 1
@@ -296,10 +326,16 @@ def _anthropic_stream(script: Script, model: str) -> tuple[bytes, ...]:
         index += 1
     for n, call in enumerate(script.tool_calls):
         start = {"type": "tool_use", "id": _tool_id(call, n, "anthropic"), "name": call.name, "input": {}}
-        deltas = [{"type": "input_json_delta", "partial_json": p} for p in split_text(call.arguments, script.argument_chunks)]
+        deltas = [
+            {"type": "input_json_delta", "partial_json": p}
+            for p in split_text(call.arguments, script.argument_chunks)
+        ]
         block(index, start, deltas)
         index += 1
-    delta: dict[str, Any] = {"type": "message_delta", "delta": {"stop_reason": _stop_reason(script), "stop_sequence": None}}
+    delta: dict[str, Any] = {
+        "type": "message_delta",
+        "delta": {"stop_reason": _stop_reason(script), "stop_sequence": None},
+    }
     if script.usage is not None:
         delta["usage"] = {"output_tokens": script.usage.output}  # cumulative, as Anthropic sends it
     frames.append(_sse(delta, "message_delta"))
@@ -349,7 +385,9 @@ _ANTHROPIC_ERROR_TYPES = {
 
 def _error_obj(api: Api, status: int, error_type: str | None, message: str) -> dict[str, Any]:
     if api == "anthropic":
-        kind = error_type or _ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        kind = error_type or _ANTHROPIC_ERROR_TYPES.get(
+            status, "api_error" if status >= 500 else "invalid_request_error"
+        )
         return {"type": "error", "error": {"type": kind, "message": message}, "request_id": "req_fake"}
     kind = error_type or _OPENAI_ERROR_TYPES.get(status, "server_error")
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
@@ -478,7 +516,11 @@ class FakeUpstream:
             body: Any = orjson.loads(raw)
         except orjson.JSONDecodeError:
             body = None
-        self.requests.append(RecordedRequest(request.method, request.path, request.query_string, CIMultiDict(request.headers), raw, body))
+        self.requests.append(
+            RecordedRequest(
+                request.method, request.path, request.query_string, CIMultiDict(request.headers), raw, body
+            )
+        )
         self.active += 1
         try:
             response = await self._answer(request, api, script, body)
@@ -513,8 +555,15 @@ class FakeUpstream:
         return None
 
     @staticmethod
-    def _error(api: Api, status: int, kind: str | None, message: str, headers: Sequence[tuple[str, str]]) -> web.Response:
-        return web.Response(status=status, body=orjson.dumps(_error_obj(api, status, kind, message)), content_type="application/json", headers=dict(headers))
+    def _error(
+        api: Api, status: int, kind: str | None, message: str, headers: Sequence[tuple[str, str]]
+    ) -> web.Response:
+        return web.Response(
+            status=status,
+            body=orjson.dumps(_error_obj(api, status, kind, message)),
+            content_type="application/json",
+            headers=dict(headers),
+        )
 
     async def _answer(self, request: web.Request, api: Api, script: Script, body: Any) -> web.StreamResponse:
         refusal = self._refusal(request, api, body)
@@ -525,7 +574,9 @@ class FakeUpstream:
         if script.status != 200:
             if script.first_byte_delay_s:
                 await asyncio.sleep(script.first_byte_delay_s)
-            return self._error(api, script.status, script.error_type, script.error_message, script.error_headers)
+            return self._error(
+                api, script.status, script.error_type, script.error_message, script.error_headers
+            )
         model = script.model or body["model"]
         stream = body.get("stream") is True
         if not stream:
@@ -554,7 +605,9 @@ class FakeUpstream:
         await response.write_eof()
         return response
 
-    async def _write_stream(self, request: web.Request, api: Api, script: Script, frames: tuple[bytes, ...]) -> web.StreamResponse:
+    async def _write_stream(
+        self, request: web.Request, api: Api, script: Script, frames: tuple[bytes, ...]
+    ) -> web.StreamResponse:
         headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
         if api == "anthropic":
             headers["request-id"] = "req_fake"
@@ -572,7 +625,10 @@ class FakeUpstream:
         delay = script.chunk_delay_s
         every = script.keepalive_every
         # The common case (no faults, no delays) is one tight loop over pre-encoded frames.
-        cut = min((k for k in (script.die_after, script.error_after, script.stall_after) if k is not None), default=None)
+        cut = min(
+            (k for k in (script.die_after, script.error_after, script.stall_after) if k is not None),
+            default=None,
+        )
         for n, frame in enumerate(frames if cut is None else frames[:cut]):
             await write(frame)
             if every and (n + 1) % every == 0:
@@ -598,4 +654,3 @@ async def fake_upstream() -> AsyncIterator[FakeUpstream]:
     """A running FakeUpstream per test; import it into a test module to use it."""
     async with FakeUpstream() as fake:
         yield fake
-
