@@ -34,7 +34,12 @@ def test_a2o_system_blocks_become_one_system_message_without_cache_control():
                 {"type": "text", "text": "billing header"},
                 {"type": "text", "text": "You are helpful.", "cache_control": {"type": "ephemeral"}},
             ],
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}],
+                }
+            ],
         }
     )
     assert out["model"] == "deepseek-chat"
@@ -81,7 +86,10 @@ def test_a2o_tool_use_and_tool_result_keep_ids_and_put_user_text_after_tool_mess
                         "type": "tool_result",
                         "tool_use_id": "toolu_01B",
                         "is_error": True,
-                        "content": [{"type": "text", "text": "no such file"}, {"type": "text", "text": "really"}],
+                        "content": [
+                            {"type": "text", "text": "no such file"},
+                            {"type": "text", "text": "really"},
+                        ],
                     },
                     {"type": "text", "text": "thanks"},
                 ],
@@ -108,7 +116,10 @@ def test_a2o_tool_call_turn_without_thinking_gets_empty_reasoning_content():
             "max_tokens": 5,
             "messages": [
                 {"role": "user", "content": "go"},
-                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "X", "input": {}}]},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": "t1", "name": "X", "input": {}}],
+                },
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]},
                 {"role": "assistant", "content": "done"},
             ],
@@ -125,7 +136,10 @@ def test_a2o_images_become_data_urls_and_tool_result_images_move_to_next_user_me
         {
             "max_tokens": 5,
             "messages": [
-                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Shot", "input": {}}]},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": "t1", "name": "Shot", "input": {}}],
+                },
                 {
                     "role": "user",
                     "content": [
@@ -134,7 +148,10 @@ def test_a2o_images_become_data_urls_and_tool_result_images_move_to_next_user_me
                             "tool_use_id": "t1",
                             "content": [
                                 {"type": "text", "text": "screenshot"},
-                                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}},
+                                {
+                                    "type": "image",
+                                    "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"},
+                                },
                             ],
                         },
                         {"type": "image", "source": {"type": "url", "url": "https://example.com/x.jpg"}},
@@ -156,7 +173,14 @@ def test_a2o_images_become_data_urls_and_tool_result_images_move_to_next_user_me
 
 
 def test_a2o_tools_tool_choice_and_parallel_flag():
-    tools = [{"name": "Bash", "description": "run", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}]
+    tools = [
+        {
+            "name": "Bash",
+            "description": "run",
+            "input_schema": {"type": "object"},
+            "cache_control": {"type": "ephemeral"},
+        }
+    ]
     out = a2o(
         {
             "max_tokens": 5,
@@ -165,7 +189,12 @@ def test_a2o_tools_tool_choice_and_parallel_flag():
             "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
         }
     )
-    assert out["tools"] == [{"type": "function", "function": {"name": "Bash", "parameters": {"type": "object"}, "description": "run"}}]
+    assert out["tools"] == [
+        {
+            "type": "function",
+            "function": {"name": "Bash", "parameters": {"type": "object"}, "description": "run"},
+        }
+    ]
     assert out["tool_choice"] == "required"
     assert out["parallel_tool_calls"] is False
     base = {"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": tools}
@@ -184,10 +213,16 @@ def test_a2o_long_tool_names_are_shortened_deterministically_and_map_back():
         "max_tokens": 5,
         "messages": [
             {"role": "user", "content": "x"},
-            {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": LONG_MCP, "input": {}}]},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": "t", "name": LONG_MCP, "input": {}}],
+            },
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "r"}]},
         ],
-        "tools": [{"name": LONG_MCP, "input_schema": {"type": "object"}}, {"name": "Bash", "input_schema": {}}],
+        "tools": [
+            {"name": LONG_MCP, "input_schema": {"type": "object"}},
+            {"name": "Bash", "input_schema": {}},
+        ],
         "tool_choice": {"type": "tool", "name": LONG_MCP},
     }
     out = a2o(body, names=names)
@@ -229,13 +264,29 @@ def test_a2o_sampling_stops_metadata_and_dropped_fields():
 
 def test_a2o_refuses_server_tools_and_pdf_documents_naming_the_field():
     with pytest.raises(BadRequest) as err:
-        a2o({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web_search_20250305", "name": "web_search"}]})
+        a2o(
+            {
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+            }
+        )
     assert err.value.param == "tools[0].type"
     with pytest.raises(BadRequest) as err:
         a2o(
             {
                 "max_tokens": 5,
-                "messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "x"}}]}],
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "document",
+                                "source": {"type": "base64", "media_type": "application/pdf", "data": "x"},
+                            }
+                        ],
+                    }
+                ],
             }
         )
     assert err.value.param == "messages[0].content[0]"
@@ -262,7 +313,9 @@ def test_o2a_lifts_system_and_developer_messages_from_anywhere():
         }
     )
     assert out["system"] == "one\n\ntwo"
-    assert out["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "again"}]}]
+    assert out["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "again"}]}
+    ]
     assert out["max_tokens"] == 4096 and out["model"] == "claude-x"
 
 
@@ -276,7 +329,11 @@ def test_o2a_tool_calls_and_consecutive_tool_messages():
                     "role": "assistant",
                     "content": "",
                     "tool_calls": [
-                        {"id": "functions.Bash:0", "type": "function", "function": {"name": "Bash", "arguments": '{"cmd": "ls"}'}},
+                        {
+                            "id": "functions.Bash:0",
+                            "type": "function",
+                            "function": {"name": "Bash", "arguments": '{"cmd": "ls"}'},
+                        },
                         {"id": "call_2", "type": "function", "function": {"name": "Now", "arguments": ""}},
                     ],
                 },
@@ -310,7 +367,12 @@ def test_o2a_invalid_tool_arguments_are_a_400_naming_the_field():
     body = {
         "messages": [
             {"role": "user", "content": "x"},
-            {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{bad"}}
+                ],
+            },
         ]
     }
     with pytest.raises(BadRequest) as err:
@@ -330,7 +392,9 @@ def test_o2a_drops_empty_text_and_empty_messages():
             ]
         }
     )
-    assert out["messages"] == [{"role": "user", "content": [{"type": "text", "text": "real"}, {"type": "text", "text": "more"}]}]
+    assert out["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "real"}, {"type": "text", "text": "more"}]}
+    ]
 
 
 def test_o2a_images_data_url_and_https():
@@ -341,7 +405,10 @@ def test_o2a_images_data_url_and_https():
                     "role": "user",
                     "content": [
                         {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/AA=="}},
-                        {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "high"}},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "https://example.com/a.png", "detail": "high"},
+                        },
                     ],
                 }
             ]
@@ -352,22 +419,52 @@ def test_o2a_images_data_url_and_https():
         {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}},
     ]
     with pytest.raises(BadRequest) as err:
-        o2a({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]})
+        o2a(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}],
+                    }
+                ]
+            }
+        )
     assert err.value.param == "messages[0].content[0].image_url.url"
 
 
 def test_o2a_tools_choice_parallel_stop_temperature_user():
-    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}, "strict": True}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "f", "description": "d", "parameters": {"type": "object"}, "strict": True},
+        }
+    ]
     base: dict[str, Any] = {"messages": [{"role": "user", "content": "x"}], "tools": tools}
-    out = o2a({**base, "tool_choice": "required", "parallel_tool_calls": False, "stop": "END", "temperature": 1.7, "user": "u1", "seed": 3})
+    out = o2a(
+        {
+            **base,
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+            "stop": "END",
+            "temperature": 1.7,
+            "user": "u1",
+            "seed": 3,
+        }
+    )
     assert out["tools"] == [{"name": "f", "input_schema": {"type": "object"}, "description": "d"}]
     assert out["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
     assert out["stop_sequences"] == ["END"]
     assert out["temperature"] == 1
     assert out["metadata"] == {"user_id": "u1"}
     assert "seed" not in out
-    assert o2a({**base, "parallel_tool_calls": False})["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
-    assert o2a({**base, "tool_choice": {"type": "function", "function": {"name": "f"}}})["tool_choice"] == {"type": "tool", "name": "f"}
+    assert o2a({**base, "parallel_tool_calls": False})["tool_choice"] == {
+        "type": "auto",
+        "disable_parallel_tool_use": True,
+    }
+    assert o2a({**base, "tool_choice": {"type": "function", "function": {"name": "f"}}})["tool_choice"] == {
+        "type": "tool",
+        "name": "f",
+    }
     assert o2a({**base, "tool_choice": "none"})["tool_choice"] == {"type": "none"}
     assert o2a({**base, "temperature": -1})["temperature"] == 0
     assert o2a({**base, "stop": ["a", "b"]})["stop_sequences"] == ["a", "b"]
@@ -378,11 +475,17 @@ def test_o2a_tools_choice_parallel_stop_temperature_user():
     [
         ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format.type"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+            "response_format.type",
+        ),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"messages": [{"role": "function", "name": "f", "content": "x"}]}, "messages[0].role"),
-        ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, "messages[0].content[0].type"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+            "messages[0].content[0].type",
+        ),
         ({"max_tokens": 0}, "max_tokens"),
     ],
 )
@@ -394,7 +497,9 @@ def test_o2a_refuses_what_cannot_be_carried_naming_the_field(extra, param):
 
 
 def test_o2a_json_object_response_format_is_dropped():
-    out = o2a({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "n": 1})
+    out = o2a(
+        {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "n": 1}
+    )
     assert "response_format" not in out
 
 
@@ -409,16 +514,31 @@ def test_round_trip_a2o2a_keeps_meaning():
         "temperature": 0.5,
         "stop_sequences": ["STOP"],
         "metadata": {"user_id": "u-9"},
-        "tools": [{"name": "Bash", "description": "shell", "input_schema": {"type": "object", "properties": {"cmd": {"type": "string"}}}}],
+        "tools": [
+            {
+                "name": "Bash",
+                "description": "shell",
+                "input_schema": {"type": "object", "properties": {"cmd": {"type": "string"}}},
+            }
+        ],
         "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
         "messages": [
             {"role": "user", "content": "list"},
-            {"role": "assistant", "content": [{"type": "text", "text": "ok"}, {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"cmd": "ls"}}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "ok"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"cmd": "ls"}},
+                ],
+            },
             {
                 "role": "user",
                 "content": [
                     {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a"},
-                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "QUJD"}},
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/png", "data": "QUJD"},
+                    },
                     {"type": "text", "text": "and this"},
                 ],
             },
@@ -430,11 +550,19 @@ def test_round_trip_a2o2a_keeps_meaning():
     assert back["stop_sequences"] == ["STOP"]
     assert back["metadata"] == {"user_id": "u-9"}
     assert back["max_tokens"] == 300
-    assert back["tools"] == [{"name": "Bash", "description": "shell", "input_schema": original["tools"][0]["input_schema"]}]
+    assert back["tools"] == [
+        {"name": "Bash", "description": "shell", "input_schema": original["tools"][0]["input_schema"]}
+    ]
     assert back["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
     assert back["messages"] == [
         {"role": "user", "content": [{"type": "text", "text": "list"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "ok"}, {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"cmd": "ls"}}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "ok"},
+                {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"cmd": "ls"}},
+            ],
+        },
         {
             "role": "user",
             "content": [

@@ -40,7 +40,11 @@ def test_o2a_response_text_thinking_tools_names_and_usage_validate_as_sdk_messag
             "content": "Here.",
             "reasoning_content": "think",
             "tool_calls": [
-                {"id": "functions.Bash:0", "type": "function", "function": {"name": "Bash", "arguments": '{"c": 1}'}},
+                {
+                    "id": "functions.Bash:0",
+                    "type": "function",
+                    "function": {"name": "Bash", "arguments": '{"c": 1}'},
+                },
                 {"id": "call_2", "type": "function", "function": {"name": short, "arguments": "{broken"}},
             ],
         },
@@ -57,16 +61,34 @@ def test_o2a_response_text_thinking_tools_names_and_usage_validate_as_sdk_messag
     msg = anthropic.types.Message.model_validate(out)
     assert msg.model == "claude-sonnet-4" and msg.id == "msg_1"
     assert [b.type for b in msg.content] == ["thinking", "text", "tool_use", "tool_use"]
-    assert out["content"][2] == {"type": "tool_use", "id": sanitize_tool_id("functions.Bash:0"), "name": "Bash", "input": {"c": 1}}
+    assert out["content"][2] == {
+        "type": "tool_use",
+        "id": sanitize_tool_id("functions.Bash:0"),
+        "name": "Bash",
+        "input": {"c": 1},
+    }
     assert out["content"][3]["name"] == LONG
     assert out["content"][3]["input"] == {}  # invalid JSON from the model becomes an empty input
     assert msg.stop_reason == "tool_use"
-    assert out["usage"] == {"input_tokens": 40, "output_tokens": 20, "cache_read_input_tokens": 60, "cache_creation_input_tokens": 0}
+    assert out["usage"] == {
+        "input_tokens": 40,
+        "output_tokens": 20,
+        "cache_read_input_tokens": 60,
+        "cache_creation_input_tokens": 0,
+    }
 
 
 @pytest.mark.parametrize(
     ("finish", "stop"),
-    [("stop", "end_turn"), ("length", "max_tokens"), ("tool_calls", "tool_use"), ("function_call", "tool_use"), ("content_filter", "refusal"), (None, "end_turn"), ("weird_new", "end_turn")],
+    [
+        ("stop", "end_turn"),
+        ("length", "max_tokens"),
+        ("tool_calls", "tool_use"),
+        ("function_call", "tool_use"),
+        ("content_filter", "refusal"),
+        (None, "end_turn"),
+        ("weird_new", "end_turn"),
+    ],
 )
 def test_o2a_every_finish_reason_maps(finish, stop):
     out = openai_to_anthropic_response(_openai_resp({"content": "x"}, finish=finish), client_model="m")
@@ -74,17 +96,27 @@ def test_o2a_every_finish_reason_maps(finish, stop):
 
 
 def test_o2a_stop_after_tool_calls_reports_tool_use():
-    resp = _openai_resp({"content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, finish="stop")
+    resp = _openai_resp(
+        {
+            "content": None,
+            "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        },
+        finish="stop",
+    )
     assert openai_to_anthropic_response(resp, client_model="m")["stop_reason"] == "tool_use"
 
 
 def test_o2a_insufficient_system_resource_is_overloaded():
     with pytest.raises(ServiceUnavailable):
-        openai_to_anthropic_response(_openai_resp({"content": ""}, finish="insufficient_system_resource"), client_model="m")
+        openai_to_anthropic_response(
+            _openai_resp({"content": ""}, finish="insufficient_system_resource"), client_model="m"
+        )
 
 
 def test_o2a_refusal_becomes_text_with_refusal_stop():
-    out = openai_to_anthropic_response(_openai_resp({"content": None, "refusal": "I can't."}), client_model="m")
+    out = openai_to_anthropic_response(
+        _openai_resp({"content": None, "refusal": "I can't."}), client_model="m"
+    )
     assert out["content"] == [{"type": "text", "text": "I can't."}]
     assert out["stop_reason"] == "refusal"
 
@@ -114,7 +146,12 @@ def test_a2o_response_validates_as_sdk_chat_completion():
                 {"type": "tool_use", "id": "toolu_1", "name": short, "input": {"x": [1]}},
             ],
             stop="tool_use",
-            usage={"input_tokens": 10, "output_tokens": 7, "cache_read_input_tokens": 80, "cache_creation_input_tokens": 5},
+            usage={
+                "input_tokens": 10,
+                "output_tokens": 7,
+                "cache_read_input_tokens": 80,
+                "cache_creation_input_tokens": 5,
+            },
         ),
         client_model="gpt-client",
         names=names,
@@ -129,11 +166,19 @@ def test_a2o_response_validates_as_sdk_chat_completion():
     assert out["choices"][0]["message"]["reasoning_content"] == "hm"
     call = choice.message.tool_calls[0]
     assert call.id == "toolu_1" and call.function.name == LONG and call.function.arguments == '{"x": [1]}'
-    assert out["usage"] == {"prompt_tokens": 95, "completion_tokens": 7, "total_tokens": 102, "prompt_tokens_details": {"cached_tokens": 80}}
+    assert out["usage"] == {
+        "prompt_tokens": 95,
+        "completion_tokens": 7,
+        "total_tokens": 102,
+        "prompt_tokens_details": {"cached_tokens": 80},
+    }
 
 
 def test_a2o_tool_only_answer_has_null_content():
-    out = anthropic_to_openai_response(_anthropic_resp([{"type": "tool_use", "id": "t", "name": "f", "input": {}}], stop="tool_use"), client_model="m")
+    out = anthropic_to_openai_response(
+        _anthropic_resp([{"type": "tool_use", "id": "t", "name": "f", "input": {}}], stop="tool_use"),
+        client_model="m",
+    )
     assert out["choices"][0]["message"]["content"] is None
     assert out["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == "{}"
 
@@ -153,12 +198,16 @@ def test_a2o_tool_only_answer_has_null_content():
     ],
 )
 def test_a2o_every_stop_reason_maps(stop, finish):
-    out = anthropic_to_openai_response(_anthropic_resp([{"type": "text", "text": "x"}], stop=stop), client_model="m")
+    out = anthropic_to_openai_response(
+        _anthropic_resp([{"type": "text", "text": "x"}], stop=stop), client_model="m"
+    )
     assert out["choices"][0]["finish_reason"] == finish
 
 
 def test_usage_openai_cached_tokens_subset_and_nulls():
-    assert openai_usage_to_anthropic({"prompt_tokens": 50, "completion_tokens": 9, "prompt_tokens_details": {"cached_tokens": 20}}) == {
+    assert openai_usage_to_anthropic(
+        {"prompt_tokens": 50, "completion_tokens": 9, "prompt_tokens_details": {"cached_tokens": 20}}
+    ) == {
         "input_tokens": 30,
         "output_tokens": 9,
         "cache_read_input_tokens": 20,
@@ -166,7 +215,9 @@ def test_usage_openai_cached_tokens_subset_and_nulls():
     }
     assert openai_usage_to_anthropic(None)["input_tokens"] == 0
     assert openai_usage_to_anthropic({"prompt_tokens": None, "completion_tokens": None})["output_tokens"] == 0
-    assert anthropic_usage_to_openai({"input_tokens": 1, "output_tokens": 2})["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert anthropic_usage_to_openai({"input_tokens": 1, "output_tokens": 2})["prompt_tokens_details"] == {
+        "cached_tokens": 0
+    }
 
 
 @pytest.mark.parametrize(
@@ -197,10 +248,30 @@ def test_openai_error_to_anthropic(status, body, err_type):
 @pytest.mark.parametrize(
     ("status", "body", "openai_type", "code"),
     [
-        (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "m"}}, "invalid_request_error", None),
-        (401, {"type": "error", "error": {"type": "authentication_error", "message": "m"}}, "invalid_request_error", "invalid_api_key"),
-        (429, {"type": "error", "error": {"type": "rate_limit_error", "message": "m"}}, "rate_limit_error", "rate_limit_exceeded"),
-        (529, {"type": "error", "error": {"type": "overloaded_error", "message": "m"}}, "server_error", "overloaded"),
+        (
+            400,
+            {"type": "error", "error": {"type": "invalid_request_error", "message": "m"}},
+            "invalid_request_error",
+            None,
+        ),
+        (
+            401,
+            {"type": "error", "error": {"type": "authentication_error", "message": "m"}},
+            "invalid_request_error",
+            "invalid_api_key",
+        ),
+        (
+            429,
+            {"type": "error", "error": {"type": "rate_limit_error", "message": "m"}},
+            "rate_limit_error",
+            "rate_limit_exceeded",
+        ),
+        (
+            529,
+            {"type": "error", "error": {"type": "overloaded_error", "message": "m"}},
+            "server_error",
+            "overloaded",
+        ),
         (500, b"garbage", "server_error", None),
         (402, {}, "insufficient_quota", "insufficient_quota"),
     ],

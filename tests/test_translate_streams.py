@@ -43,7 +43,9 @@ def parse_anthropic_sse(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def validate_anthropic_events(events: list[tuple[str, dict[str, Any]]], *, expect_error: bool = False) -> None:
+def validate_anthropic_events(
+    events: list[tuple[str, dict[str, Any]]], *, expect_error: bool = False
+) -> None:
     """The rules Claude Code and the SDK rely on, strictly (api-formats 4.4)."""
     kinds = [k for k, _ in events if k != "ping"]
     assert kinds[0] == "message_start" and kinds.count("message_start") == 1
@@ -66,7 +68,11 @@ def validate_anthropic_events(events: list[tuple[str, dict[str, Any]]], *, expec
         elif kind == "content_block_delta":
             assert open_block is not None and data["index"] == open_index
             dtype = data["delta"]["type"]
-            allowed = {"text": {"text_delta"}, "thinking": {"thinking_delta", "signature_delta"}, "tool_use": {"input_json_delta"}}
+            allowed = {
+                "text": {"text_delta"},
+                "thinking": {"thinking_delta", "signature_delta"},
+                "tool_use": {"input_json_delta"},
+            }
             assert dtype in allowed[open_block["type"]], f"{dtype} inside a {open_block['type']} block"
             deltas[open_index].append(dtype)
         elif kind == "content_block_stop":
@@ -74,7 +80,9 @@ def validate_anthropic_events(events: list[tuple[str, dict[str, Any]]], *, expec
             if open_block["type"] == "tool_use":
                 assert "input_json_delta" in deltas[open_index], "tool_use without input_json_delta"
             if open_block["type"] == "thinking":
-                assert deltas[open_index][-1] == "signature_delta", "signature_delta must come just before stop"
+                assert deltas[open_index][-1] == "signature_delta", (
+                    "signature_delta must come just before stop"
+                )
             open_block = None
         elif kind in ("message_delta", "message_stop", "error"):
             assert open_block is None, f"{kind} while a block is open"
@@ -117,7 +125,9 @@ def accumulate_openai(chunks: list[dict[str, Any]], *, final: bool = True) -> An
 
 
 def run_o2a(chunks: list[dict[str, Any]], *, names: ToolNameMap | None = None, finish: bool = True) -> bytes:
-    stream = OpenAIToAnthropicStream(client_model="claude-sonnet-4-5", message_id="msg_gw1", input_tokens=777, names=names)
+    stream = OpenAIToAnthropicStream(
+        client_model="claude-sonnet-4-5", message_id="msg_gw1", input_tokens=777, names=names
+    )
     out = stream.start()
     for chunk in chunks:
         out += stream.feed(chunk)
@@ -126,15 +136,28 @@ def run_o2a(chunks: list[dict[str, Any]], *, names: ToolNameMap | None = None, f
     return out
 
 
-def run_a2o(events: list[list[Any]], *, include_usage: bool = True, names: ToolNameMap | None = None) -> bytes:
-    stream = AnthropicToOpenAIStream(client_model="gpt-client", completion_id="chatcmpl-gw1", include_usage=include_usage, names=names, created=9)
+def run_a2o(
+    events: list[list[Any]], *, include_usage: bool = True, names: ToolNameMap | None = None
+) -> bytes:
+    stream = AnthropicToOpenAIStream(
+        client_model="gpt-client",
+        completion_id="chatcmpl-gw1",
+        include_usage=include_usage,
+        names=names,
+        created=9,
+    )
     out = b""
     for kind, data in events:
         out += stream.feed(kind, data)
     return out + stream.finish()
 
 
-def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, usage: dict[str, Any] | None = None, choices: bool = True) -> dict[str, Any]:
+def chunk(
+    delta: dict[str, Any] | None = None,
+    finish: str | None = None,
+    usage: dict[str, Any] | None = None,
+    choices: bool = True,
+) -> dict[str, Any]:
     return {
         "id": "x",
         "object": "chat.completion.chunk",
@@ -161,7 +184,12 @@ def test_o2a_deepseek_fixture_reasoning_text_tool_usage_on_finish_chunk():
     assert message.content[2].input == {"command": "ls -la"}
     assert message.stop_reason == "tool_use"
     delta = next(d for k, d in events if k == "message_delta")
-    assert delta["usage"] == {"input_tokens": 176, "output_tokens": 42, "cache_read_input_tokens": 1024, "cache_creation_input_tokens": 0}
+    assert delta["usage"] == {
+        "input_tokens": 176,
+        "output_tokens": 42,
+        "cache_read_input_tokens": 1024,
+        "cache_creation_input_tokens": 0,
+    }
     start = events[0][1]["message"]
     assert start["usage"]["input_tokens"] == 777 and start["content"] == []
 
@@ -209,14 +237,24 @@ def test_o2a_early_usage_or_null_is_not_latched_as_final():
 
 
 def test_o2a_eof_before_finish_closes_blocks_and_sends_error():
-    raw = run_o2a([chunk({"content": "partial"}), chunk({"tool_calls": [{"index": 0, "id": "c", "function": {"name": "f", "arguments": '{"a"'}}]})])
+    raw = run_o2a(
+        [
+            chunk({"content": "partial"}),
+            chunk({"tool_calls": [{"index": 0, "id": "c", "function": {"name": "f", "arguments": '{"a"'}}]}),
+        ]
+    )
     events = parse_anthropic_sse(raw)
     validate_anthropic_events(events, expect_error=True)
     assert events[-1][1]["error"]["type"] == "api_error"
 
 
 def test_o2a_insufficient_system_resource_is_an_overloaded_error_event():
-    raw = run_o2a([chunk({"content": "x"}), chunk({}, "insufficient_system_resource", usage={"prompt_tokens": 1, "completion_tokens": 1})])
+    raw = run_o2a(
+        [
+            chunk({"content": "x"}),
+            chunk({}, "insufficient_system_resource", usage={"prompt_tokens": 1, "completion_tokens": 1}),
+        ]
+    )
     events = parse_anthropic_sse(raw)
     validate_anthropic_events(events, expect_error=True)
     assert events[-1][1]["error"]["type"] == "overloaded_error"
@@ -224,7 +262,11 @@ def test_o2a_insufficient_system_resource_is_an_overloaded_error_event():
 
 def test_o2a_error_method_and_upstream_error_chunk():
     stream = OpenAIToAnthropicStream(client_model="m", message_id="msg", input_tokens=1)
-    raw = stream.start() + stream.feed(chunk({"reasoning_content": "hmm"})) + stream.error("overloaded_error", "busy")
+    raw = (
+        stream.start()
+        + stream.feed(chunk({"reasoning_content": "hmm"}))
+        + stream.error("overloaded_error", "busy")
+    )
     validate_anthropic_events(parse_anthropic_sse(raw), expect_error=True)
     assert stream.done and stream.finish() == b"" and stream.start() == b""
     raw = run_o2a([chunk({"content": "x"}), {"error": {"message": "upstream broke", "type": "server_error"}}])
@@ -234,7 +276,9 @@ def test_o2a_error_method_and_upstream_error_chunk():
 
 def test_o2a_tool_call_sent_whole_in_finish_chunk_still_gets_input_json_delta():
     call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "Now", "arguments": ""}}
-    raw = run_o2a([chunk({"tool_calls": [call]}, "tool_calls", usage={"prompt_tokens": 3, "completion_tokens": 2})])
+    raw = run_o2a(
+        [chunk({"tool_calls": [call]}, "tool_calls", usage={"prompt_tokens": 3, "completion_tokens": 2})]
+    )
     events = parse_anthropic_sse(raw)
     validate_anthropic_events(events)
     message = accumulate_anthropic(events)
@@ -242,7 +286,14 @@ def test_o2a_tool_call_sent_whole_in_finish_chunk_still_gets_input_json_delta():
 
 
 def test_o2a_empty_tool_calls_list_and_empty_content_send_nothing():
-    raw = run_o2a([chunk({"role": "assistant", "content": ""}), chunk({"tool_calls": [], "content": ""}), chunk({"content": "ok"}), chunk({}, "stop")])
+    raw = run_o2a(
+        [
+            chunk({"role": "assistant", "content": ""}),
+            chunk({"tool_calls": [], "content": ""}),
+            chunk({"content": "ok"}),
+            chunk({}, "stop"),
+        ]
+    )
     events = parse_anthropic_sse(raw)
     validate_anthropic_events(events)
     assert [b.type for b in accumulate_anthropic(events).content] == ["text"]
@@ -251,14 +302,21 @@ def test_o2a_empty_tool_calls_list_and_empty_content_send_nothing():
 def test_o2a_new_id_on_reused_index_is_a_new_call():
     raw = run_o2a(
         [
-            chunk({"tool_calls": [{"index": 0, "id": "a", "function": {"name": "f", "arguments": '{"n": 1}'}}]}),
-            chunk({"tool_calls": [{"index": 0, "id": "b", "function": {"name": "g", "arguments": '{"n": 2}'}}]}),
+            chunk(
+                {"tool_calls": [{"index": 0, "id": "a", "function": {"name": "f", "arguments": '{"n": 1}'}}]}
+            ),
+            chunk(
+                {"tool_calls": [{"index": 0, "id": "b", "function": {"name": "g", "arguments": '{"n": 2}'}}]}
+            ),
             chunk({}, "tool_calls"),
         ]
     )
     events = parse_anthropic_sse(raw)
     validate_anthropic_events(events)
-    assert [(b.id, b.name, b.input) for b in accumulate_anthropic(events).content] == [("a", "f", {"n": 1}), ("b", "g", {"n": 2})]
+    assert [(b.id, b.name, b.input) for b in accumulate_anthropic(events).content] == [
+        ("a", "f", {"n": 1}),
+        ("b", "g", {"n": 2}),
+    ]
 
 
 def test_o2a_interleaved_parallel_calls_are_buffered_not_mixed():
@@ -273,7 +331,10 @@ def test_o2a_interleaved_parallel_calls_are_buffered_not_mixed():
     raw = run_o2a([chunk({"tool_calls": [f]}) for f in frags] + [chunk({}, "tool_calls")])
     events = parse_anthropic_sse(raw)
     validate_anthropic_events(events)
-    assert [(b.id, b.input) for b in accumulate_anthropic(events).content] == [("a", {"x": "one"}), ("b", {"y": "two"})]
+    assert [(b.id, b.input) for b in accumulate_anthropic(events).content] == [
+        ("a", {"x": "one"}),
+        ("b", {"y": "two"}),
+    ]
 
 
 def test_o2a_text_after_tool_and_reasoning_after_text_open_new_blocks():
@@ -299,7 +360,16 @@ def test_o2a_restores_shortened_names_and_sanitizes_ids():
     long_name = "mcp__" + "x" * 80
     short = names.to_upstream(long_name)
     raw = run_o2a(
-        [chunk({"tool_calls": [{"index": 0, "id": "functions.Bash:0", "function": {"name": short, "arguments": "{}"}}]}), chunk({}, "tool_calls")],
+        [
+            chunk(
+                {
+                    "tool_calls": [
+                        {"index": 0, "id": "functions.Bash:0", "function": {"name": short, "arguments": "{}"}}
+                    ]
+                }
+            ),
+            chunk({}, "tool_calls"),
+        ],
         names=names,
     )
     block = accumulate_anthropic(parse_anthropic_sse(raw)).content[0]
@@ -307,7 +377,14 @@ def test_o2a_restores_shortened_names_and_sanitizes_ids():
 
 
 def test_o2a_every_finish_reason_maps():
-    for finish, stop in [("stop", "end_turn"), ("length", "max_tokens"), ("tool_calls", "tool_use"), ("function_call", "tool_use"), ("content_filter", "refusal"), ("new_thing", "end_turn")]:
+    for finish, stop in [
+        ("stop", "end_turn"),
+        ("length", "max_tokens"),
+        ("tool_calls", "tool_use"),
+        ("function_call", "tool_use"),
+        ("content_filter", "refusal"),
+        ("new_thing", "end_turn"),
+    ]:
         events = parse_anthropic_sse(run_o2a([chunk({"content": "x"}), chunk({}, finish)]))
         validate_anthropic_events(events)
         assert accumulate_anthropic(events).stop_reason == stop
@@ -335,7 +412,9 @@ async def test_o2a_bytes_read_by_the_anthropic_sdk_over_http(aiohttp_server):
     server = await _serve(aiohttp_server, "/v1/messages", raw)
     client = anthropic.AsyncAnthropic(base_url=str(server.make_url("")), api_key="k", max_retries=0)
     try:
-        async with client.messages.stream(model="claude-gateway-test", max_tokens=10, messages=[{"role": "user", "content": "x"}]) as stream:
+        async with client.messages.stream(
+            model="claude-gateway-test", max_tokens=10, messages=[{"role": "user", "content": "x"}]
+        ) as stream:
             text = "".join([t async for t in stream.text_stream])
             message = await stream.get_final_message()
     finally:
@@ -350,7 +429,9 @@ async def test_o2a_error_event_raises_in_the_anthropic_sdk(aiohttp_server):
     server = await _serve(aiohttp_server, "/v1/messages", raw)
     client = anthropic.AsyncAnthropic(base_url=str(server.make_url("")), api_key="k", max_retries=0)
     try:
-        async with client.messages.stream(model="m", max_tokens=10, messages=[{"role": "user", "content": "x"}]) as stream:
+        async with client.messages.stream(
+            model="m", max_tokens=10, messages=[{"role": "user", "content": "x"}]
+        ) as stream:
             try:
                 await stream.get_final_message()
                 raised = None
@@ -371,7 +452,12 @@ def test_a2o_fixture_chunks_accumulate_in_openai_stream_state():
     assert done
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == {"prompt_tokens": 2112, "completion_tokens": 89, "total_tokens": 2201, "prompt_tokens_details": {"cached_tokens": 2000}}
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 2112,
+        "completion_tokens": 89,
+        "total_tokens": 2201,
+        "prompt_tokens_details": {"cached_tokens": 2000},
+    }
     assert all(c["model"] == "gpt-client" and c["id"] == "chatcmpl-gw1" for c in chunks)
     reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks if c["choices"])
     assert reasoning == "Let me check."
@@ -384,12 +470,16 @@ def test_a2o_fixture_chunks_accumulate_in_openai_stream_state():
         ("toolu_01A", "get_weather", {"location": "Paris"}),
         ("toolu_01B", "get_time", {"tz": "CET"}),
     ]
-    indices = [tc["index"] for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+    indices = [
+        tc["index"] for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls", [])
+    ]
     assert set(indices) == {0, 1}  # k counts tool_use blocks, not Anthropic block indices (2, 3)
 
 
 def test_a2o_no_usage_chunk_unless_asked():
-    chunks, done = parse_openai_sse(run_a2o(load("anthropic_thinking_text_tools_stream.json"), include_usage=False))
+    chunks, done = parse_openai_sse(
+        run_a2o(load("anthropic_thinking_text_tools_stream.json"), include_usage=False)
+    )
     assert done and all(c["choices"] for c in chunks) and all("usage" not in c for c in chunks)
 
 
@@ -398,16 +488,40 @@ def test_a2o_restores_shortened_tool_names():
     long_name = "mcp__" + "y" * 80
     short = names.to_upstream(long_name)
     events = [e for e in load("anthropic_thinking_text_tools_stream.json")]
-    events[10] = ["content_block_start", {"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "toolu_01A", "name": short, "input": {}}}]
+    events[10] = [
+        "content_block_start",
+        {
+            "type": "content_block_start",
+            "index": 2,
+            "content_block": {"type": "tool_use", "id": "toolu_01A", "name": short, "input": {}},
+        },
+    ]
     chunks, _ = parse_openai_sse(run_a2o(events, names=names))
     assert accumulate_openai(chunks).choices[0].message.tool_calls[0].function.name == long_name
 
 
 def test_a2o_every_stop_reason_maps():
-    for stop, finish in [("end_turn", "stop"), ("stop_sequence", "stop"), ("pause_turn", "stop"), ("max_tokens", "length"), ("model_context_window_exceeded", "length"), ("tool_use", "tool_calls"), ("refusal", "content_filter")]:
+    for stop, finish in [
+        ("end_turn", "stop"),
+        ("stop_sequence", "stop"),
+        ("pause_turn", "stop"),
+        ("max_tokens", "length"),
+        ("model_context_window_exceeded", "length"),
+        ("tool_use", "tool_calls"),
+        ("refusal", "content_filter"),
+    ]:
         events = [
-            ["message_start", {"type": "message_start", "message": {"id": "m", "usage": {"input_tokens": 1, "output_tokens": 0}}}],
-            ["message_delta", {"type": "message_delta", "delta": {"stop_reason": stop}, "usage": {"output_tokens": 2}}],
+            [
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {"id": "m", "usage": {"input_tokens": 1, "output_tokens": 0}},
+                },
+            ],
+            [
+                "message_delta",
+                {"type": "message_delta", "delta": {"stop_reason": stop}, "usage": {"output_tokens": 2}},
+            ],
             ["message_stop", {"type": "message_stop"}],
         ]
         chunks, _ = parse_openai_sse(run_a2o(events))
@@ -417,13 +531,23 @@ def test_a2o_every_stop_reason_maps():
 def test_a2o_upstream_error_event_and_early_eof():
     stream = AnthropicToOpenAIStream(client_model="m", completion_id="c", include_usage=True)
     raw = stream.feed("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 1}}})
-    raw += stream.feed("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
-    raw += stream.feed("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
-    raw += stream.feed("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "late"}})
+    raw += stream.feed(
+        "content_block_start",
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    )
+    raw += stream.feed(
+        "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    )
+    raw += stream.feed(
+        "content_block_delta",
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "late"}},
+    )
     raw += stream.finish()
     chunks, done = parse_openai_sse(raw)
     assert done
-    assert chunks[-1] == {"error": {"message": "Overloaded", "type": "server_error", "param": None, "code": "overloaded"}}
+    assert chunks[-1] == {
+        "error": {"message": "Overloaded", "type": "server_error", "param": None, "code": "overloaded"}
+    }
     assert stream.finish() == b""
 
     stream = AnthropicToOpenAIStream(client_model="m", completion_id="c", include_usage=False)
@@ -437,7 +561,9 @@ async def test_a2o_bytes_read_by_the_openai_sdk_over_http(aiohttp_server):
     server = await _serve(aiohttp_server, "/v1/chat/completions", raw)
     client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="k", max_retries=0)
     try:
-        stream = await client.chat.completions.create(model="gpt-client", messages=[{"role": "user", "content": "x"}], stream=True)
+        stream = await client.chat.completions.create(
+            model="gpt-client", messages=[{"role": "user", "content": "x"}], stream=True
+        )
         chunks = [c async for c in stream]
     finally:
         await client.close()
@@ -453,7 +579,9 @@ async def test_a2o_error_chunk_raises_in_the_openai_sdk(aiohttp_server):
     client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="k", max_retries=0)
     raised = None
     try:
-        stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True
+        )
         try:
             async for _ in stream:
                 pass

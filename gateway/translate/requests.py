@@ -74,7 +74,9 @@ def _image_part(block: dict[str, Any], field: str) -> dict[str, Any]:
     elif kind == "url":
         url = str(source.get("url", ""))
     else:
-        raise BadRequest(f"{field}.source.type: only base64 and url images are supported", param=f"{field}.source.type")
+        raise BadRequest(
+            f"{field}.source.type: only base64 and url images are supported", param=f"{field}.source.type"
+        )
     return {"type": "image_url", "image_url": {"url": url}}
 
 
@@ -93,7 +95,9 @@ def _user_part(block: dict[str, Any], field: str) -> dict[str, Any] | None:
         raise BadRequest(f"{field}: only plain-text documents can be sent to this model", param=field)
     if kind in ("thinking", "redacted_thinking"):
         return None  # not meaningful on a user turn
-    raise BadRequest(f"{field}.type: block type {kind!r} is not supported by this model", param=f"{field}.type")
+    raise BadRequest(
+        f"{field}.type: block type {kind!r} is not supported by this model", param=f"{field}.type"
+    )
 
 
 def _collapse(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
@@ -213,7 +217,8 @@ def _openai_tools(tools: Any, names: ToolNameMap) -> list[dict[str, Any]]:
             # Server tools (web_search_...) and Anthropic-defined client tools (bash_..., computer_...)
             # have no schema we could send; saying so beats a model that silently lacks the tool.
             raise BadRequest(
-                f"tools[{i}].type: tool type {kind!r} is not supported by this model", param=f"tools[{i}].type"
+                f"tools[{i}].type: tool type {kind!r} is not supported by this model",
+                param=f"tools[{i}].type",
             )
         name = tool.get("name")
         if not isinstance(name, str) or not name:
@@ -317,7 +322,8 @@ def _plain_text(content: Any, field: str) -> str:
         part = _need_dict(part, f"{field}.content[{j}]")
         if part.get("type") not in ("text", "refusal"):
             raise BadRequest(
-                f"{field}.content[{j}].type: only text parts are allowed here", param=f"{field}.content[{j}].type"
+                f"{field}.content[{j}].type: only text parts are allowed here",
+                param=f"{field}.content[{j}].type",
             )
         texts.append(str(part.get("text") or part.get("refusal") or ""))
     return "\n\n".join(t for t in texts if t)
@@ -336,7 +342,9 @@ def _image_block(part: dict[str, Any], field: str) -> dict[str, Any]:
         }
     if url.startswith(("https://", "http://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
-    raise BadRequest(f"{field}.image_url.url: must be a base64 data URL or an http(s) URL", param=f"{field}.image_url.url")
+    raise BadRequest(
+        f"{field}.image_url.url: must be a base64 data URL or an http(s) URL", param=f"{field}.image_url.url"
+    )
 
 
 def _content_blocks(content: Any, field: str) -> list[dict[str, Any]]:
@@ -370,7 +378,10 @@ def _tool_use_blocks(tool_calls: Any, field: str) -> list[dict[str, Any]]:
         function = _need_dict(call.get("function"), f"{field}.tool_calls[{j}].function")
         name = function.get("name")
         if not isinstance(name, str) or not name:
-            raise BadRequest(f"{field}.tool_calls[{j}].function.name: required", param=f"{field}.tool_calls[{j}].function.name")
+            raise BadRequest(
+                f"{field}.tool_calls[{j}].function.name: required",
+                param=f"{field}.tool_calls[{j}].function.name",
+            )
         arguments = function.get("arguments")
         args_field = f"{field}.tool_calls[{j}].function.arguments"
         if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
@@ -385,7 +396,12 @@ def _tool_use_blocks(tool_calls: Any, field: str) -> list[dict[str, Any]]:
         if not isinstance(parsed, dict):
             raise BadRequest(f"{args_field}: must encode a JSON object", param=args_field)
         blocks.append(
-            {"type": "tool_use", "id": sanitize_tool_id(str(call.get("id") or f"call_{j}")), "name": name, "input": parsed}
+            {
+                "type": "tool_use",
+                "id": sanitize_tool_id(str(call.get("id") or f"call_{j}")),
+                "name": name,
+                "input": parsed,
+            }
         )
     return blocks
 
@@ -444,7 +460,9 @@ def _anthropic_tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
             raise BadRequest("tool_choice.function.name: required", param="tool_choice.function.name")
         result = {"type": "tool", "name": name}
     else:
-        raise BadRequest("tool_choice: must be none, auto, required or a function choice", param="tool_choice")
+        raise BadRequest(
+            "tool_choice: must be none, auto, required or a function choice", param="tool_choice"
+        )
     if parallel is False:
         result = result or {"type": "auto"}
         result["disable_parallel_tool_use"] = True
@@ -475,7 +493,9 @@ def openai_to_anthropic_request(
         raise BadRequest("modalities: only text output is supported", param="modalities")
     response_format = body.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
-        raise BadRequest("response_format: json_schema is not supported by this model", param="response_format.type")
+        raise BadRequest(
+            "response_format: json_schema is not supported by this model", param="response_format.type"
+        )
 
     system: list[str] = []
     turns: list[tuple[str, list[dict[str, Any]]]] = []

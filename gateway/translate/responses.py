@@ -8,7 +8,11 @@ from typing import Any
 
 from gateway.errors import ServiceUnavailable
 from gateway.translate.names import ToolNameMap, sanitize_tool_id
-from gateway.translate.stop_reasons import OPENAI_OVERLOADED_FINISH, anthropic_stop_reason, openai_finish_reason
+from gateway.translate.stop_reasons import (
+    OPENAI_OVERLOADED_FINISH,
+    anthropic_stop_reason,
+    openai_finish_reason,
+)
 from gateway.translate.usage import anthropic_usage_to_openai, openai_usage_to_anthropic
 
 __all__ = [
@@ -16,8 +20,8 @@ __all__ = [
     "anthropic_error_to_openai",
     "anthropic_error_type_for_status",
     "anthropic_to_openai_response",
-    "openai_error_type_for_anthropic",
     "openai_error_to_anthropic",
+    "openai_error_type_for_anthropic",
     "openai_to_anthropic_response",
     "parse_tool_arguments",
 ]
@@ -219,7 +223,9 @@ def anthropic_error_to_openai(status: int, body: Any) -> dict[str, Any]:
     if not isinstance(err_type, str) or err_type not in _OPENAI_BY_ANTHROPIC_TYPE:
         err_type = anthropic_error_type_for_status(status)
     openai_type, code = _OPENAI_BY_ANTHROPIC_TYPE[err_type]
-    return {"error": {"message": _error_message(body, status), "type": openai_type, "param": None, "code": code}}
+    return {
+        "error": {"message": _error_message(body, status), "type": openai_type, "param": None, "code": code}
+    }
 
 
 def openai_error_type_for_anthropic(err_type: str) -> tuple[str, str | None]:

@@ -13,7 +13,11 @@ from typing import Any
 from gateway.sse import DONE, format_event, format_json_event
 from gateway.translate.names import ToolNameMap, sanitize_tool_id
 from gateway.translate.responses import SYNTHETIC_SIGNATURE, openai_error_type_for_anthropic
-from gateway.translate.stop_reasons import OPENAI_OVERLOADED_FINISH, anthropic_stop_reason, openai_finish_reason
+from gateway.translate.stop_reasons import (
+    OPENAI_OVERLOADED_FINISH,
+    anthropic_stop_reason,
+    openai_finish_reason,
+)
 from gateway.translate.usage import anthropic_usage_to_openai, openai_usage_to_anthropic
 
 __all__ = ["AnthropicToOpenAIStream", "OpenAIToAnthropicStream"]
@@ -66,6 +70,7 @@ class OpenAIToAnthropicStream:
         self._live: _ToolCall | None = None
         self._by_upstream_index: dict[int, _ToolCall] = {}
         self._pending: list[_ToolCall] = []
+        self._last_index = 0
         self._tool_count = 0
         self._finish: str | None = None
         self._usage: dict[str, Any] | None = None
@@ -78,7 +83,7 @@ class OpenAIToAnthropicStream:
         if self._started or self.done:
             return b""
         self._started = True
-        message = {
+        message: dict[str, Any] = {
             "id": self._message_id,
             "type": "message",
             "role": "assistant",
@@ -198,11 +203,19 @@ class OpenAIToAnthropicStream:
     # -- tool calls ---------------------------------------------------------------------------------
 
     def _tool_fragment(self, fragment: dict[str, Any]) -> bytes:
-        raw_index = fragment.get("index")
-        index = raw_index if isinstance(raw_index, int) else len(self._by_upstream_index) if fragment.get("id") else 0
-        call_id = fragment.get("id") if isinstance(fragment.get("id"), str) else ""
+        raw_id = fragment.get("id")
+        call_id = raw_id if isinstance(raw_id, str) else ""
         function = fragment.get("function") or {}
-        name = function.get("name") if isinstance(function.get("name"), str) else ""
+        raw_name = function.get("name")
+        name = raw_name if isinstance(raw_name, str) else ""
+        raw_index = fragment.get("index")
+        if isinstance(raw_index, int):
+            index = raw_index
+        elif call_id and not any(c.id == call_id for c in self._by_upstream_index.values()):
+            index = max(self._by_upstream_index, default=-1) + 1  # no index: a new id is a new call
+        else:
+            index = self._last_index  # no index, no new id: more of the call before
+        self._last_index = index
         arguments = function.get("arguments")
         call = self._by_upstream_index.get(index)
         # A new index, or a new id on a known index (ccNexus PR #89), is a new call.
@@ -238,7 +251,11 @@ class OpenAIToAnthropicStream:
 
     def _start_tool(self, call: _ToolCall) -> bytes:
         self._tool_count += 1
-        tool_id = sanitize_tool_id(call.id) if call.id else f"toolu_{sanitize_tool_id(self._message_id)}_{self._tool_count}"
+        tool_id = (
+            sanitize_tool_id(call.id)
+            if call.id
+            else f"toolu_{sanitize_tool_id(self._message_id)}_{self._tool_count}"
+        )
         block = {"type": "tool_use", "id": tool_id, "name": self._names.to_client(call.name), "input": {}}
         out = self._open_block("tool", block)
         call.block = self._open_index
@@ -275,7 +292,9 @@ class OpenAIToAnthropicStream:
                 "cache_creation_input_tokens": 0,
             }
         stop_reason = anthropic_stop_reason(self._finish, made_tool_calls=self._tool_count > 0)
-        out += _event("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": usage})
+        out += _event(
+            "message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": usage}
+        )
         out += _event("message_stop", {})
         self.done = True
         return out
@@ -352,7 +371,9 @@ class AnthropicToOpenAIStream:
             return self._start() + self._end()
         if kind == "error":
             error = data.get("error") or {}
-            return self.error(str(error.get("type") or "api_error"), str(error.get("message") or "upstream error"))
+            return self.error(
+                str(error.get("type") or "api_error"), str(error.get("message") or "upstream error")
+            )
         return b""  # ping, content_block_stop, unknown future events
 
     def _block_start(self, data: dict[str, Any]) -> bytes:
@@ -363,7 +384,12 @@ class AnthropicToOpenAIStream:
             k = len(self._tool_k)
             self._tool_k[index] = k
             name = self._names.to_client(str(block.get("name") or ""))
-            call = {"index": k, "id": str(block.get("id") or ""), "type": "function", "function": {"name": name, "arguments": ""}}
+            call = {
+                "index": k,
+                "id": str(block.get("id") or ""),
+                "type": "function",
+                "function": {"name": name, "arguments": ""},
+            }
             out = self._chunk({"tool_calls": [call]})
             initial = block.get("input")
             if isinstance(initial, dict) and initial:  # input given whole at the start, not streamed
@@ -424,4 +450,6 @@ class AnthropicToOpenAIStream:
             return b""
         self.done = True
         openai_type, code = openai_error_type_for_anthropic(err_type)
-        return format_json_event({"error": {"message": message, "type": openai_type, "param": None, "code": code}})
+        return format_json_event(
+            {"error": {"message": message, "type": openai_type, "param": None, "code": code}}
+        )
