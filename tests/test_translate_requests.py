@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -356,8 +357,6 @@ def test_o2a_tool_calls_and_consecutive_tool_messages():
         {"type": "tool_result", "tool_use_id": "call_2", "content": "noon"},
         {"type": "text", "text": "and?"},
     ]
-    import re
-
     assert re.fullmatch(r"[A-Za-z0-9_-]+", bash_id)
     assert sanitize_tool_id("functions.Bash:0") == bash_id  # deterministic
     assert sanitize_tool_id("functions_Bash_0") != bash_id  # no collision with the look-alike
@@ -572,3 +571,35 @@ def test_round_trip_a2o2a_keeps_meaning():
             ],
         },
     ]
+
+
+def test_a2o_plain_text_document_becomes_text_and_redacted_thinking_is_dropped():
+    msgs = a2o(
+        {
+            "max_tokens": 5,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "document",
+                            "source": {"type": "text", "media_type": "text/plain", "data": "DOC"},
+                        }
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": [{"type": "redacted_thinking", "data": "xxx"}, {"type": "text", "text": "ok"}],
+                },
+            ],
+        }
+    )["messages"]
+    assert msgs[0] == {"role": "user", "content": "DOC"}
+    assert msgs[1] == {"role": "assistant", "content": "ok", "reasoning_content": ""}
+
+
+def test_a2o_tool_choice_without_tools_is_dropped():
+    out = a2o(
+        {"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "any"}}
+    )
+    assert "tool_choice" not in out and "tools" not in out

@@ -590,3 +590,49 @@ async def test_a2o_error_chunk_raises_in_the_openai_sdk(aiohttp_server):
     finally:
         await client.close()
     assert raised is not None and "Overloaded" in str(raised)
+
+
+def test_a2o_tool_input_given_whole_at_block_start_is_sent_once():
+    events = [
+        ["message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 1}}}],
+        [
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {"a": 1}},
+            },
+        ],
+        [
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "input_json_delta", "partial_json": '{"a": 1}'},
+            },
+        ],
+        ["content_block_stop", {"type": "content_block_stop", "index": 0}],
+        [
+            "message_delta",
+            {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 2}},
+        ],
+        ["message_stop", {"type": "message_stop"}],
+    ]
+    chunks, _ = parse_openai_sse(run_a2o(events))
+    assert json.loads(accumulate_openai(chunks).choices[0].message.tool_calls[0].function.arguments) == {
+        "a": 1
+    }
+
+
+def test_a2o_message_start_twice_and_events_after_stop_send_nothing():
+    stream = AnthropicToOpenAIStream(client_model="m", completion_id="c", include_usage=False)
+    start = {"type": "message_start", "message": {}}
+    assert stream.feed("message_start", start) != b""
+    assert stream.feed("message_start", start) == b""
+    assert stream.feed("ping", {"type": "ping"}) == b""
+    end = stream.feed("message_stop", {"type": "message_stop"})
+    assert end.endswith(b"data: [DONE]\n\n")
+    assert (
+        stream.feed("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "x"}}) == b""
+    )
+    assert stream.finish() == b""
