@@ -1,0 +1,501 @@
+"""The live ledger's Python face: every balance change is one Lua call; reads are plain Redis reads.
+
+Operations are idempotent on an id the caller chooses (a request id, a top-up's charge id, a refund
+id), so a retry after a timeout answers "exists" and never moves money twice.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from . import keys as K
+from .errors import (
+    AccountClosed,
+    ConcurrencyLimit,
+    InsufficientFunds,
+    KeyLimit,
+    LedgerError,
+    NotRefundable,
+    UnknownAccount,
+    UnknownBucket,
+    UnknownKey,
+)
+from .money import MAX_MICRO
+from .scripts import Scripts
+
+__all__ = [
+    "DEFAULT_BUCKET_LIFE_S",
+    "MAX_LIVE_KEYS",
+    "AccountInfo",
+    "Balance",
+    "BucketInfo",
+    "Credit",
+    "KeyInfo",
+    "KeyRef",
+    "Ledger",
+    "NewKey",
+    "Settlement",
+]
+
+DEFAULT_BUCKET_LIFE_S = 30 * 24 * 3600
+MAX_LIVE_KEYS = 2
+RESERVATION_TTL_S = 300
+DONE_TTL_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRef:
+    account_id: str
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    key_id: str
+    key: str  # shown to the user once; never stored
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    key_id: str
+    prefix: str
+    created_at: int
+    last_used_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    bucket_id: str
+    amount_micro: int
+    expires_at: int
+    created: bool  # False when the reference had been credited before
+
+
+@dataclass(frozen=True, slots=True)
+class BucketInfo:
+    bucket_id: str
+    amount_micro: int
+    remaining_micro: int
+    expires_at: int
+    created_at: int
+    source: str
+    reference: str
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    account_id: str
+    available_micro: int
+    reserved_micro: int
+    buckets: list[BucketInfo]
+    low_balance: bool
+    low_threshold_micro: int
+
+
+@dataclass(frozen=True, slots=True)
+class AccountInfo:
+    account_id: str
+    status: str
+    email: str | None
+    created_at: int
+    credited: int
+    reserved: int
+    consumed: int
+    refunded: int
+    forfeited: int
+    low_threshold_micro: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    charged_micro: int
+    shortfall_micro: int
+    draws: list[tuple[str, int]] = field(default_factory=list)
+    already: bool = False
+
+
+def _decode_draws(enc: str) -> list[tuple[str, int]]:
+    out = []
+    for part in enc.split(",") if enc else ():
+        bid, _, amt = part.rpartition(":")
+        out.append((bid, int(amt)))
+    return out
+
+
+def _check_amount(micro: int, name: str = "amount") -> None:
+    if not isinstance(micro, int) or isinstance(micro, bool) or micro < 0 or micro > MAX_MICRO:
+        raise ValueError(f"{name} must be an integer number of micro-units in [0, 2**50]")
+
+
+class Ledger:
+    def __init__(
+        self,
+        redis: Redis,
+        keyspace: K.Keyspace | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.keys = keyspace or K.Keyspace()
+        self.clock = clock
+        self._scripts = Scripts(redis)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    async def _run(self, name: str, ident: str, *args: str | int) -> list[Any]:
+        result: list[Any] = await self._scripts(name, self.keys.journal(K.shard_of(ident)), *args)
+        return result
+
+    # ----- accounts -------------------------------------------------------------------------
+    async def create_account(
+        self, email: str, *, sub: str | None = None, low_threshold_micro: int = 0
+    ) -> tuple[str, bool]:
+        """Returns (account_id, created). With a Google sub the same sub always finds the same account."""
+        if sub:
+            shard = K.shard_for_subject(sub, self.keys.shards)
+            sub_hash = K.hash_subject(sub)
+        else:
+            shard = int.from_bytes(secrets.token_bytes(2), "big") % self.keys.shards
+            sub_hash = ""
+        account_id = K.new_account_id(shard)
+        res = await self._run(
+            "account_create", account_id, account_id, email, sub or "", sub_hash, self.now_ms(),
+            low_threshold_micro,
+        )
+        return res[1], res[0] == "ok"
+
+    async def find_account_by_sub(self, sub: str) -> str | None:
+        shard = K.shard_for_subject(sub, self.keys.shards)
+        got: str | None = await self.redis.get(self.keys.shard_prefix(shard) + "sub:" + K.hash_subject(sub))
+        return got
+
+    async def account(self, account_id: str) -> AccountInfo | None:
+        try:
+            pfx = self.keys.pfx_for(account_id)
+        except ValueError:
+            return None
+        h = await self.redis.hgetall(pfx + "a:" + account_id)
+        if not h:
+            return None
+        return AccountInfo(
+            account_id=account_id,
+            status=h["status"],
+            email=h.get("email"),
+            created_at=int(h["created_at"]),
+            credited=int(h["credited"]),
+            reserved=int(h["reserved"]),
+            consumed=int(h["consumed"]),
+            refunded=int(h["refunded"]),
+            forfeited=int(h["forfeited"]),
+            low_threshold_micro=int(h.get("low_threshold") or 0),
+        )
+
+    async def close_account(self, account_id: str) -> tuple[int, int]:
+        """Returns (forfeited_micro, keys_revoked)."""
+        res = await self._run("account_close", account_id, account_id, self.now_ms())
+        if res[0] == "no_account":
+            raise UnknownAccount("no such account")
+        if res[0] == "closed":
+            raise AccountClosed("account is already closed")
+        return int(res[1]), int(res[2])
+
+    async def set_low_threshold(self, account_id: str, micro: int) -> None:
+        _check_amount(micro, "threshold")
+        res = await self._run("account_set", account_id, account_id, self.now_ms(), "low_threshold", micro)
+        if res[0] != "ok":
+            raise UnknownAccount("no such active account")
+
+    async def account_ids(self) -> list[str]:
+        ids: list[str] = []
+        for shard in self.keys.all_shards():
+            ids.extend(await self.redis.smembers(self.keys.shard_prefix(shard) + "accounts"))
+        return sorted(ids)
+
+    # ----- API keys -------------------------------------------------------------------------
+    async def create_key(self, account_id: str, *, replaces: str | None = None) -> NewKey:
+        shard = K.shard_of(account_id)
+        key = K.new_api_key(shard)
+        key_id = K.new_key_id(shard)
+        prefix = key[:12]
+        res = await self._run(
+            "key_create", account_id, account_id, key_id, K.hash_api_key(key), prefix, self.now_ms(),
+            MAX_LIVE_KEYS, replaces or "",
+        )
+        if res[0] == "limit":
+            raise KeyLimit(f"an account has at most {MAX_LIVE_KEYS} live API keys; revoke or renew one")
+        if res[0] == "no_account":
+            raise UnknownAccount("no such active account")
+        if res[0] == "unknown_key":
+            raise UnknownKey("no such live key")
+        return NewKey(key_id=key_id, key=key, prefix=prefix)
+
+    async def rotate_key(self, key_id: str) -> NewKey:
+        account_id = await self.key_account(key_id)
+        if account_id is None:
+            raise UnknownKey("no such live key")
+        return await self.create_key(account_id, replaces=key_id)
+
+    async def revoke_key(self, key_id: str) -> str:
+        res = await self._run("key_revoke", key_id, key_id, self.now_ms())
+        if res[0] != "ok":
+            raise UnknownKey("no such live key")
+        account: str = res[1]
+        return account
+
+    async def key_account(self, key_id: str) -> str | None:
+        try:
+            pfx = self.keys.pfx_for(key_id)
+        except ValueError:
+            return None
+        got = await self.redis.hmget(pfx + "k:" + key_id, "account", "hash")
+        return got[0] if got[1] else None
+
+    async def lookup_key(self, key: str) -> KeyRef | None:
+        """One round trip: the key's hash resolves to its account, or to nothing once revoked."""
+        try:
+            pfx = self.keys.pfx_for(key)
+        except ValueError:
+            return None
+        got = await self.redis.hmget(pfx + "kh:" + K.hash_api_key(key), "account", "key_id")
+        if got[0] is None:
+            return None
+        return KeyRef(account_id=got[0], key_id=got[1])
+
+    async def list_keys(self, account_id: str) -> list[KeyInfo]:
+        pfx = self.keys.pfx_for(account_id)
+        key_ids = await self.redis.hkeys(pfx + "a:" + account_id + ":keys")
+        out = []
+        for key_id in sorted(key_ids):
+            h = await self.redis.hgetall(pfx + "k:" + key_id)
+            if h:
+                out.append(
+                    KeyInfo(
+                        key_id=key_id,
+                        prefix=h["prefix"],
+                        created_at=int(h["created_at"]),
+                        last_used_at=int(h["last_used_at"]) if h.get("last_used_at") else None,
+                    )
+                )
+        return sorted(out, key=lambda k: k.created_at)
+
+    # ----- money ----------------------------------------------------------------------------
+    async def credit(
+        self,
+        account_id: str,
+        amount_micro: int,
+        *,
+        reference: str,
+        source: str,
+        expires_at_ms: int | None = None,
+        life_s: int = DEFAULT_BUCKET_LIFE_S,
+    ) -> Credit:
+        _check_amount(amount_micro)
+        if amount_micro <= 0:
+            raise ValueError("credit must be positive")
+        now = self.now_ms()
+        expires = expires_at_ms if expires_at_ms is not None else now + life_s * 1000
+        bucket_id = K.new_bucket_id(K.shard_of(account_id), now)
+        res = await self._run(
+            "credit", account_id, account_id, bucket_id, reference, amount_micro, expires, source, now
+        )
+        if res[0] == "no_account":
+            raise UnknownAccount("no such account")
+        if res[0] == "closed":
+            raise AccountClosed("the account is closed")
+        if res[0] == "exists":
+            b = await self.bucket(res[1])
+            assert b is not None, "a credited reference always names its bucket"
+            return Credit(res[1], b.amount_micro, b.expires_at, created=False)
+        return Credit(bucket_id, amount_micro, expires, created=True)
+
+    async def reserve(
+        self,
+        account_id: str,
+        request_id: str,
+        amount_micro: int,
+        *,
+        key_id: str = "",
+        min_micro: int | None = None,
+        concurrency_limit: int = 0,
+        ttl_s: int = RESERVATION_TTL_S,
+    ) -> int:
+        """Hold credit; returns the amount held. With min_micro below the amount, holds what is there."""
+        _check_amount(amount_micro)
+        minimum = amount_micro if min_micro is None else min(min_micro, amount_micro)
+        now = self.now_ms()
+        res = await self._run(
+            "reserve", account_id, request_id, account_id, key_id, amount_micro, minimum, now,
+            now + ttl_s * 1000, concurrency_limit,
+        )
+        tag = res[0]
+        if tag in ("ok", "exists"):
+            return int(res[1])
+        if tag == "short":
+            raise InsufficientFunds("not enough credit", available_micro=int(res[1]))
+        if tag == "busy":
+            raise ConcurrencyLimit("too many requests in flight for this key")
+        if tag == "closed":
+            raise AccountClosed("the account is closed")
+        if tag == "no_account":
+            raise UnknownAccount("no such account")
+        raise LedgerError(f"reservation {request_id} already finished")
+
+    async def settle(
+        self, account_id: str, request_id: str, charge_micro: int, *, metering: dict[str, Any]
+    ) -> Settlement:
+        """Charge the request; `metering` holds ids and counts only (it becomes the metering row)."""
+        _check_amount(charge_micro, "charge")
+        res = await self._run(
+            "settle", account_id, request_id, account_id, charge_micro, self.now_ms(),
+            orjson.dumps(metering).decode(),
+        )
+        return Settlement(
+            charged_micro=int(res[1]),
+            shortfall_micro=int(res[2]),
+            draws=_decode_draws(res[3]),
+            already=res[0] == "exists",
+        )
+
+    async def release(self, account_id: str, request_id: str, *, reason: str = "released") -> int:
+        res = await self._run("release", account_id, request_id, account_id, self.now_ms(), reason)
+        return int(res[1]) if res[0] == "ok" else 0
+
+    async def refund(
+        self, account_id: str, bucket_id: str, *, refund_id: str, amount_micro: int = 0
+    ) -> int:
+        """Take unused credit out of a bucket (0 = all of it); returns the amount taken."""
+        _check_amount(amount_micro)
+        res = await self._run(
+            "refund", account_id, refund_id, account_id, bucket_id, amount_micro, self.now_ms()
+        )
+        tag = res[0]
+        if tag == "ok":
+            return int(res[1])
+        if tag == "exists":
+            if res[1] == "reverted":
+                raise NotRefundable("this refund was refused earlier")
+            return int(res[2])
+        if tag == "no_bucket":
+            raise UnknownBucket("no such bucket on this account")
+        if tag == "expired":
+            raise NotRefundable("the bucket has expired; expired credit is not refundable")
+        raise NotRefundable("nothing left to refund in this bucket", remaining_micro=int(res[1]))
+
+    async def finish_refund(
+        self, account_id: str, refund_id: str, *, ok: bool, external_ref: str = ""
+    ) -> bool:
+        """Confirm a refund paid out, or put the credit back when the provider refused it."""
+        res = await self._run(
+            "refund_finish", account_id, refund_id, self.now_ms(), "confirmed" if ok else "reverted",
+            external_ref,
+        )
+        return bool(res[0] == "ok")
+
+    async def expire(self, *, limit: int = 1000) -> tuple[int, int]:
+        """Forfeit expired credit in every shard; returns (buckets visited, forfeited micro)."""
+        buckets = total = 0
+        now = self.now_ms()
+        for shard in self.keys.all_shards():
+            while True:
+                res = await self._scripts("expire", self.keys.journal(shard), now, limit)
+                buckets += int(res[0])
+                total += int(res[1])
+                if int(res[0]) < limit:
+                    break
+        return buckets, total
+
+    async def stale_reservations(self, shard: int, *, limit: int = 500) -> list[tuple[str, str]]:
+        pfx = self.keys.shard_prefix(shard)
+        reqs = await self.redis.zrangebyscore(pfx + "rz", "-inf", self.now_ms(), start=0, num=limit)
+        out = []
+        for req in reqs:
+            account = await self.redis.hget(pfx + "r:" + req, "account")
+            if account:
+                out.append((account, req))
+            else:
+                await self.redis.zrem(pfx + "rz", req)
+        return out
+
+    async def release_stale(self) -> int:
+        """Release reservations whose process stopped extending them (it died)."""
+        n = 0
+        for shard in self.keys.all_shards():
+            for account, req in await self.stale_reservations(shard):
+                if await self.release(account, req, reason="abandoned"):
+                    n += 1
+        return n
+
+    async def extend(self, reservations: Iterable[tuple[str, str]], ttl_s: int = RESERVATION_TTL_S) -> None:
+        """Heartbeat for long streams: push the deadline of live reservations (XX: never resurrect)."""
+        deadline = self.now_ms() + ttl_s * 1000
+        pipe = self.redis.pipeline(transaction=False)
+        n = 0
+        for account_id, req in reservations:
+            pipe.zadd(self.keys.pfx_for(account_id) + "rz", {req: deadline}, xx=True)
+            n += 1
+        if n:
+            await pipe.execute()
+
+    # ----- reads ----------------------------------------------------------------------------
+    async def bucket(self, bucket_id: str) -> BucketInfo | None:
+        try:
+            pfx = self.keys.pfx_for(bucket_id)
+        except ValueError:
+            return None
+        h = await self.redis.hgetall(pfx + "b:" + bucket_id)
+        return _bucket(bucket_id, h) if h else None
+
+    async def bucket_account(self, bucket_id: str) -> str | None:
+        try:
+            pfx = self.keys.pfx_for(bucket_id)
+        except ValueError:
+            return None
+        got: str | None = await self.redis.hget(pfx + "b:" + bucket_id, "account")
+        return got
+
+    async def buckets(self, account_id: str) -> list[BucketInfo]:
+        pfx = self.keys.pfx_for(account_id)
+        ids = await self.redis.zrange(pfx + "a:" + account_id + ":bz", 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for bid in ids:
+            pipe.hgetall(pfx + "b:" + bid)
+        rows = await pipe.execute() if ids else []
+        return [_bucket(bid, h) for bid, h in zip(ids, rows, strict=True) if h]
+
+    async def balance(self, account_id: str) -> Balance:
+        info = await self.account(account_id)
+        if info is None:
+            raise UnknownAccount("no such account")
+        now = self.now_ms()
+        buckets = await self.buckets(account_id)
+        available = sum(b.remaining_micro for b in buckets if b.expires_at > now)
+        threshold = info.low_threshold_micro
+        return Balance(
+            account_id=account_id,
+            available_micro=available,
+            reserved_micro=info.reserved,
+            buckets=buckets,
+            low_balance=threshold > 0 and available < threshold,
+            low_threshold_micro=threshold,
+        )
+
+
+def _bucket(bucket_id: str, h: dict[str, str]) -> BucketInfo:
+    return BucketInfo(
+        bucket_id=bucket_id,
+        amount_micro=int(h["amount"]),
+        remaining_micro=int(h["remaining"]),
+        expires_at=int(h["expires_at"]),
+        created_at=int(h["created_at"]),
+        source=h["source"],
+        reference=h["ref"],
+    )

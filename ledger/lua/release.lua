@@ -1,0 +1,26 @@
+-- Abandon a reservation: every micro-unit goes back to the bucket it came from.
+-- KEYS[1] shard journal   ARGV: request_id, account_id, now_ms, reason
+-- Returns {'ok', held} | {'exists'} (already settled or released) | {'unknown'}
+local PFX = string.sub(KEYS[1], 1, -2)
+local req, acct, now, reason = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local r = k_resv(PFX, req)
+local held = redis.call('HGET', r, 'held')
+if not held then
+  if redis.call('EXISTS', k_done(PFX, req)) == 1 then return {'exists'} end
+  return {'unknown'}
+end
+held = tonumber(held)
+acct = redis.call('HGET', r, 'account')
+local key_id = redis.call('HGET', r, 'key_id') or ''
+local draws = decode_draws(redis.call('HGET', r, 'draws'))
+for i = #draws, 1, -1 do give_back(PFX, acct, draws[i][1], draws[i][2], now) end
+redis.call('HINCRBY', k_account(PFX, acct), 'reserved', -held)
+redis.call('DEL', r)
+redis.call('ZREM', PFX .. 'rz', req)
+if key_id ~= '' then redis.call('SREM', k_key_inflight(PFX, key_id), req) end
+local done_key = k_done(PFX, req)
+redis.call('HSET', done_key, 'outcome', 'released')
+redis.call('EXPIRE', done_key, 604800)
+journal(PFX, now, 't', 'released', 'account', acct, 'req', req, 'held', fmt(held), 'reason', reason)
+check_low(PFX, acct, now)
+return {'ok', fmt(held)}

@@ -1,0 +1,42 @@
+"""The Lua script registry: each ``lua/*.lua`` file, with ``_lib.lua`` prepended, registered once.
+
+redis-py's ``AsyncScript`` calls EVALSHA and reloads the script when Redis answers NOSCRIPT (after a
+restart or SCRIPT FLUSH), so callers never see a lost script cache.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+
+__all__ = ["SCRIPT_NAMES", "Scripts", "script_source"]
+
+SCRIPT_NAMES = (
+    "account_create",
+    "account_close",
+    "account_set",
+    "key_create",
+    "key_revoke",
+    "credit",
+    "reserve",
+    "settle",
+    "release",
+    "refund",
+    "refund_finish",
+    "expire",
+)
+
+
+def script_source(name: str) -> str:
+    lua = resources.files("ledger") / "lua"
+    return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+class Scripts:
+    def __init__(self, redis: Redis) -> None:
+        self._scripts = {name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES}
+
+    async def __call__(self, name: str, journal_key: str, *args: str | int) -> Any:
+        return await self._scripts[name](keys=[journal_key], args=[str(a) for a in args])

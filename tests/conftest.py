@@ -1,0 +1,67 @@
+"""Shared fixtures: a real Redis (REDIS_URL or 127.0.0.1:6379) and fakeredis, each test on its own prefix."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+
+from ledger.keys import Keyspace
+from ledger.ledger import Ledger
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+class Clock:
+    """A controllable clock: tests move time instead of sleeping."""
+
+    def __init__(self, start: float = 1_790_000_000.0) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@pytest.fixture(params=["redis", "fakeredis"])
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def redis_client(redis_kind: str) -> AsyncIterator[aioredis.Redis]:
+    if redis_kind == "redis":
+        client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    else:
+        client = fakeredis.FakeAsyncRedis(decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def keyspace() -> Keyspace:
+    return Keyspace(prefix=f"t{uuid.uuid4().hex[:10]}", shards=4)
+
+
+@pytest.fixture
+async def clean_keyspace(redis_client: aioredis.Redis, keyspace: Keyspace) -> AsyncIterator[Keyspace]:
+    yield keyspace
+    keys = [k async for k in redis_client.scan_iter(match=f"{keyspace.prefix}:*", count=1000)]
+    if keys:
+        await redis_client.delete(*keys)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def ledger(redis_client: aioredis.Redis, clean_keyspace: Keyspace, clock: Clock) -> Ledger:
+    return Ledger(redis_client, clean_keyspace, clock=clock)
