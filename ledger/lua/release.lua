@@ -14,7 +14,8 @@ acct = redis.call('HGET', r, 'account')
 local key_id = redis.call('HGET', r, 'key_id') or ''
 local draws = decode_draws(redis.call('HGET', r, 'draws'))
 for i = #draws, 1, -1 do give_back(PFX, acct, draws[i][1], draws[i][2], now) end
-redis.call('HINCRBY', k_account(PFX, acct), 'reserved', -held)
+-- fmt: Lua's -0 reaches Redis as "-0", which HINCRBY refuses (a partial reserve may hold 0).
+redis.call('HINCRBY', k_account(PFX, acct), 'reserved', fmt(-held))
 redis.call('DEL', r)
 redis.call('ZREM', PFX .. 'rz', req)
 if key_id ~= '' then redis.call('SREM', k_key_inflight(PFX, key_id), req) end

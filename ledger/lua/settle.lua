@@ -45,7 +45,8 @@ local final = {}
 for _, d in ipairs(draws) do if d[2] > 0 then final[#final + 1] = d end end
 local enc = encode_draws(final)
 local charged = charge - shortfall
-redis.call('HINCRBY', a, 'reserved', -held)
+-- fmt: Lua's -0 reaches Redis as "-0", which HINCRBY refuses (late settle holds 0).
+redis.call('HINCRBY', a, 'reserved', fmt(-held))
 redis.call('HINCRBY', a, 'consumed', charged)
 redis.call('DEL', r)
 redis.call('ZREM', PFX .. 'rz', req)
