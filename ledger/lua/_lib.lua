@@ -50,11 +50,12 @@ local function available(pfx, acct, now)
 end
 
 -- Put `x` back into a bucket. A bucket that expired meanwhile forfeits it at once, so the expiry
--- sweep (which only visits each bucket once) never misses credit.
+-- sweep (which only visits each bucket once) never misses credit. So does a closed account's: the
+-- closure forfeited everything and took its buckets out of the sweep.
 local function give_back(pfx, acct, bid, x, now)
   if x <= 0 then return end
   local exp = num(redis.call('HGET', k_bucket(pfx, bid), 'expires_at'))
-  if exp <= now then
+  if exp <= now or redis.call('HGET', k_account(pfx, acct), 'status') == 'closed' then
     redis.call('HINCRBY', k_account(pfx, acct), 'forfeited', x)
     journal(pfx, now, 't', 'forfeited', 'account', acct, 'bucket', bid, 'amount', fmt(x))
   else
