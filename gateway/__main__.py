@@ -1,0 +1,118 @@
+"""``python -m gateway serve`` (the web process) and ``python -m gateway worker`` (journal, expiry, sweeps)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from .settings import ConfigError, Settings
+
+log = logging.getLogger("gateway")
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    # aiohttp's access log prints the full request line (query strings included): ours logs ids only.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _banner(settings: Settings, app: web.Application, port: int) -> None:
+    demo = app.get("demo")
+    base = f"http://{settings.host}:{port}"
+    lines = [
+        "",
+        "Coding Plan gateway: EMBEDDED DEFAULT (in-process Redis, SQLite under ./var). Not for production:",
+        "set REDIS_URL and SESSION_SECRET to run it for real.",
+        f"Listening on {base}",
+    ]
+    if demo:
+        account_id, key = demo
+        lines += [
+            f"Demo account {account_id} with play credit. Its API key (shown once):",
+            f"  {key}",
+            "Try it:",
+            f"  curl -N {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            "-H 'Content-Type: application/json' "
+            "-d '{\"model\": \"demo\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'",
+            f"  OpenAI SDK: base_url={base}/v1   Anthropic SDK / Claude Code: ANTHROPIC_BASE_URL={base}",
+        ]
+    print("\n".join(lines), flush=True)
+
+
+async def serve(settings: Settings) -> None:
+    from .app import create_app
+
+    app = create_app(settings)
+    # handler_cancellation: a client that goes away cancels its handler at once, which aborts the
+    # upstream request; the bill is settled in the handler's finally.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=settings.shutdown_grace_s, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else settings.port
+    if settings.embedded:
+        _banner(settings, app, port)
+    else:
+        log.info("listening on %s:%d", settings.host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight streams (up to %.0fs)", settings.shutdown_grace_s)
+    await runner.cleanup()
+
+
+async def work(settings: Settings) -> None:
+    from redis.asyncio import Redis
+
+    from ledger.journal import JournalWorker
+    from ledger.keys import Keyspace
+    from ledger.ledger import Ledger
+    from ledger.store import Store
+
+    if settings.redis_url is None:
+        raise ConfigError("REDIS_URL is required for a separate worker (the embedded default runs its own)")
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    keyspace = Keyspace(prefix=settings.ledger_prefix, shards=settings.ledger_shards)
+    store = Store(str(settings.database_path))
+    await asyncio.to_thread(store.migrate)
+    worker = JournalWorker(redis, keyspace, store, ledger=Ledger(redis, keyspace))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker started shards=%d", keyspace.shards)
+    try:
+        await worker.run(stop)
+    finally:
+        store.close()
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway")
+    parser.add_argument("command", choices=["serve", "worker"])
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    _logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings) if args.command == "serve" else work(settings))
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Coding-tool routes besides the proxy: models, balance, count_tokens, health, readiness, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ledger.money import iso_ms
+
+from . import errors as E
+from . import tokens
+from .appkeys import LEDGER, METRICS, PROXY, REDIS, REGISTRY
+from .auth import authenticate
+
+__all__ = ["api_routes"]
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+async def list_models(request: web.Request) -> web.Response:
+    await authenticate(request, request.app[LEDGER])
+    registry = request.app[REGISTRY]
+    models = sorted(registry.models.values(), key=lambda m: m.name)
+    if "anthropic-version" in request.headers:
+        data = [
+            {"type": "model", "id": m.name, "display_name": m.display_name, "created_at": iso_ms(m.created * 1000)}
+            for m in models
+        ]
+        return _json({
+            "data": data,
+            "has_more": False,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        })
+    return _json({
+        "object": "list",
+        "data": [{"id": m.name, "object": "model", "created": m.created, "owned_by": m.provider.name} for m in models],
+    })
+
+
+async def balance(request: web.Request) -> web.Response:
+    ledger = request.app[LEDGER]
+    key = await authenticate(request, ledger)
+    bal = await ledger.balance(key.account_id)
+    now = ledger.now_ms()
+    return _json({
+        "account_id": bal.account_id,
+        "currency": request.app[REGISTRY].currency,
+        "available_micro": bal.available_micro,
+        "reserved_micro": bal.reserved_micro,
+        "low_balance": bal.low_balance,
+        "buckets": [
+            {
+                "bucket_id": b.bucket_id,
+                "amount_micro": b.amount_micro,
+                "remaining_micro": b.remaining_micro,
+                "expires_at": iso_ms(b.expires_at),
+                "expired": b.expires_at <= now,
+                "source": b.source,
+            }
+            for b in bal.buckets
+        ],
+    })
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    await authenticate(request, request.app[LEDGER])
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise E.BadRequest("Request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise E.BadRequest("Request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or request.app[REGISTRY].get(model) is None:
+        raise E.NotFound(f"Model {model!r} is not available here; GET /v1/models lists the models.", param="model")
+    if not isinstance(body.get("messages"), list):
+        raise E.BadRequest("'messages' is required and must be an array.", param="messages")
+    # Counted locally for every model: free, fast, and the same count the reservation uses.
+    return _json({"input_tokens": await tokens.count_anthropic_request_async(body)})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        await asyncio.wait_for(request.app[REDIS].ping(), timeout=2)
+    except Exception:
+        return _json({"ok": False, "redis": "unreachable"}, status=503)
+    return _json({"ok": True, "redis": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
+
+
+async def head_root(request: web.Request) -> web.Response:
+    return web.Response()
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await request.app[PROXY].chat_completions(request)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    return await request.app[PROXY].messages(request)
+
+
+def api_routes() -> list[web.RouteDef]:
+    return [
+        web.post("/v1/chat/completions", chat_completions),
+        web.post("/v1/messages", messages),
+        web.post("/v1/messages/count_tokens", count_tokens),
+        web.get("/v1/models", list_models, allow_head=False),
+        web.get("/v1/balance", balance, allow_head=False),
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics),
+        web.head("/", head_root),
+    ]

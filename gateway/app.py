@@ -1,0 +1,135 @@
+"""The application factory: one function builds the app from Settings; resources live in cleanup_ctx."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+from redis.asyncio import Redis
+
+from ledger.keys import Keyspace
+from ledger.journal import JournalWorker
+from ledger.ledger import Ledger
+from ledger.store import Store
+
+from . import tokens
+from .api import api_routes
+from .appkeys import BACKGROUND, HTTP, LEDGER, METRICS, PROXY, REDIS, REGISTRY, SETTINGS, STORE
+from .demo import demo_routes
+from .metrics import Metrics
+from .middlewares import error_middleware
+from .models import Registry, load_registry
+from .payments import setup_payments
+from .proxy import Proxy
+from .settings import Settings
+from .web import setup_web
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("gateway.app")
+
+HEARTBEAT_S = 60.0
+
+
+def create_app(
+    settings: Settings,
+    *,
+    redis: Redis | None = None,
+    registry: Registry | None = None,
+    clock: Callable[[], float] | None = None,
+) -> web.Application:
+    """Build the app. Tests pass their own Redis client (own key prefix) and a registry of fakes."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app["max_body_bytes"] = settings.max_body_bytes
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry or load_registry(settings.models_file, settings.provider_env)
+    app[METRICS] = Metrics()
+    app[BACKGROUND] = set()
+    internal_token = secrets.token_urlsafe(24)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        tokens.load_encoding()  # once, here: never on the request path
+        own_redis = redis is None
+        embedded = None
+        if redis is not None:
+            client = redis
+        elif settings.redis_url:
+            client = Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+        else:
+            from .embedded import EmbeddedRedis
+
+            embedded = EmbeddedRedis(settings.database_path.parent / "embedded-redis.url")
+            client = Redis.from_url(embedded.start(), decode_responses=True)
+        app[REDIS] = client
+        keyspace = Keyspace(prefix=settings.ledger_prefix, shards=settings.ledger_shards)
+        app[LEDGER] = Ledger(client, keyspace, **({"clock": clock} if clock else {}))
+        app[STORE] = Store(str(settings.database_path))
+        worker_stop = asyncio.Event()
+        worker_task = None
+        if embedded is not None:
+            from .embedded import bootstrap_demo
+
+            await asyncio.to_thread(app[STORE].migrate)
+            worker = JournalWorker(client, keyspace, app[STORE], ledger=app[LEDGER])
+            worker_task = asyncio.get_running_loop().create_task(worker.run(worker_stop))
+            app["demo"] = await bootstrap_demo(app[LEDGER], app[STORE])
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        http = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False)
+        app[HTTP] = http
+        proxy = Proxy(settings, app[REGISTRY], app[LEDGER], http, app[METRICS], app[BACKGROUND])
+        proxy.internal_token = internal_token
+        app[PROXY] = proxy
+        heartbeat = asyncio.get_running_loop().create_task(_heartbeat(proxy, app[LEDGER]))
+        try:
+            yield
+        finally:
+            heartbeat.cancel()
+            await _drain(app, settings.shutdown_grace_s)
+            await http.close()
+            if worker_task is not None:
+                worker_stop.set()
+                await worker_task
+            app[STORE].close()
+            if own_redis:
+                await client.aclose()
+            if embedded is not None:
+                embedded.stop()
+
+    app.cleanup_ctx.append(resources)
+    app.on_shutdown.append(_on_shutdown)
+    app.router.add_routes(api_routes())
+    app.router.add_routes(demo_routes(lambda: internal_token))
+    setup_web(app)
+    setup_payments(app)
+    return app
+
+
+async def _heartbeat(proxy: Proxy, ledger: Ledger) -> None:
+    """Keep live reservations from being swept as abandoned while their streams run."""
+    while True:
+        await asyncio.sleep(HEARTBEAT_S)
+        try:
+            await ledger.extend(list((acct, req) for req, acct in proxy.live.items()))
+        except Exception as exc:
+            log.warning("reservation heartbeat failed: %s", type(exc).__name__)
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    # Let in-flight streams finish (bounded); aiohttp then cancels what is left, and each
+    # cancelled request still settles in its finally.
+    proxy = app.get(PROXY)
+    if proxy is None:
+        return
+    deadline = asyncio.get_running_loop().time() + app[SETTINGS].shutdown_grace_s
+    while proxy.live and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def _drain(app: web.Application, grace_s: float) -> None:
+    pending = list(app[BACKGROUND])
+    if pending:
+        await asyncio.wait(pending, timeout=grace_s)

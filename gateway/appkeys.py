@@ -1,0 +1,45 @@
+"""Every resource the application shares, as typed ``web.AppKey``s, in one place."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+from redis.asyncio import Redis
+
+from ledger.ledger import Ledger
+from ledger.store import Store
+
+from .metrics import Metrics
+from .models import Registry
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .proxy import Proxy
+
+__all__ = [
+    "BACKGROUND",
+    "HTTP",
+    "LEDGER",
+    "METRICS",
+    "PROXY",
+    "REDIS",
+    "REGISTRY",
+    "SETTINGS",
+    "STORE",
+]
+
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY = web.AppKey("registry", Registry)
+REDIS = web.AppKey("redis", Redis)
+LEDGER = web.AppKey("ledger", Ledger)
+# The SQLite history: read-only here, except in the embedded default where the worker runs in process.
+STORE = web.AppKey("store", Store)
+# One client session for every upstream and outside API (aiohttp's persistent-session advice).
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+METRICS = web.AppKey("metrics", Metrics)
+PROXY = web.AppKey("proxy", "Proxy")
+# Settlements and other work that must finish even when the request that started it is cancelled.
+BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])

@@ -1,0 +1,127 @@
+"""The one place errors become HTTP: in the format of the route they came from, never with internals.
+
+OpenAI routes answer ``{"error": {message, type, param, code}}``; Anthropic routes
+``{"type": "error", "error": {type, message}}``; everything else a small JSON error (HTML pages render
+their own). A response already streaming is passed through untouched: after the first byte, errors
+are SSE events written by the proxy.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from ledger import errors as LE
+
+from . import errors as E
+from .appkeys import METRICS
+
+__all__ = ["client_format", "error_middleware", "ledger_to_gateway", "render_error"]
+
+log = logging.getLogger("gateway.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def new_request_id() -> str:
+    return f"req_{secrets.token_hex(1)}{int(time.time() * 1000):013d}{secrets.token_hex(5)}"
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in reversed(frames[-4:]))
+
+
+def client_format(path: str) -> str:
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    if path.startswith("/v1/"):
+        return "openai"
+    return "plain"
+
+
+def ledger_to_gateway(err: LE.LedgerError) -> E.GatewayError:
+    if isinstance(err, LE.InsufficientFunds):
+        return E.InsufficientCredit(
+            f"Not enough credit: {err.available_micro} micro-units available. Top up at the dashboard.",
+            headers={"x-should-retry": "false"},
+        )
+    if isinstance(err, LE.ConcurrencyLimit):
+        return E.TooManyRequests("Too many concurrent requests for this API key; retry when one finishes.")
+    if isinstance(err, LE.AccountClosed):
+        return E.Unauthorized("This account is closed.")
+    if isinstance(err, LE.UnknownAccount | LE.UnknownKey | LE.UnknownBucket):
+        return E.NotFound(err.message)
+    if isinstance(err, LE.KeyLimit | LE.NotRefundable):
+        return E.Conflict(err.message)
+    return E.GatewayError("ledger refused the operation")
+
+
+def render_error(fmt: str, err: E.GatewayError, request_id: str) -> web.Response:
+    if fmt == "anthropic":
+        body: dict[str, object] = {
+            "type": "error",
+            "error": {"type": err.anthropic_type, "message": err.message},
+            "request_id": request_id,
+        }
+    elif fmt == "openai":
+        body = {
+            "error": {"message": err.message, "type": err.openai_type, "param": err.param, "code": err.code}
+        }
+    else:
+        body = {"error": {"type": err.anthropic_type, "code": err.code, "message": err.message}}
+    headers = {"x-request-id": request_id, **err.headers}
+    if err.status == 402:
+        headers.setdefault("x-should-retry", "false")
+    return web.Response(
+        status=err.status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = new_request_id()
+    request["request_id"] = request_id
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    try:
+        response = await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        response = render_error(
+            client_format(request.path),
+            E.PayloadTooLarge(f"Request body exceeds the {request.app['max_body_bytes']} byte limit."),
+            request_id,
+        )
+    except web.HTTPException as exc:
+        if exc.status in (404, 405) and request.path.startswith("/v1/"):
+            err = E.NotFound(f"No route {request.method} {request.path}.") if exc.status == 404 else E.BadRequest(
+                f"Method {request.method} not allowed on {request.path}."
+            )
+            if exc.status == 405:
+                err.status = 405
+            response = render_error(client_format(request.path), err, request_id)
+        else:
+            exc.headers["x-request-id"] = request_id
+            metrics.request(route, exc.status)
+            raise
+    except E.GatewayError as err:
+        response = render_error(client_format(request.path), err, request_id)
+    except LE.LedgerError as err:
+        response = render_error(client_format(request.path), ledger_to_gateway(err), request_id)
+    except Exception as exc:
+        # SECURITY: an exception's message may quote request data; log its type and where it was
+        # raised, never its message or locals.
+        log.error("unhandled %s at %s request_id=%s", type(exc).__name__, _where(exc), request_id)
+        response = render_error(
+            client_format(request.path), E.GatewayError("Internal error; quote the request id."), request_id
+        )
+    if not response.prepared:
+        response.headers.setdefault("x-request-id", request_id)
+    metrics.request(route, response.status)
+    return response

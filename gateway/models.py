@@ -1,0 +1,131 @@
+"""The model and provider registry (SPEC section 3), loaded once from ``MODELS_FILE``.
+
+Prices become integer micro-units per 1M tokens at load time; nothing on the request path touches a
+decimal string or a float.
+"""
+
+from __future__ import annotations
+
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ledger.money import price_per_million_micro
+
+from .settings import ConfigError
+
+__all__ = ["DEMO_BASE_URL", "Model", "Provider", "Registry", "load_registry"]
+
+DEMO_BASE_URL = "internal:demo"
+Format = Literal["openai", "anthropic"]
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    base_url: str
+    format: Format
+    api_key: str | None
+    api_key_env: str | None
+
+    @property
+    def endpoint(self) -> str:
+        # openai: base ends in /v1; anthropic: the API root.
+        if self.format == "openai":
+            return self.base_url.rstrip("/") + "/chat/completions"
+        return self.base_url.rstrip("/") + "/v1/messages"
+
+    @property
+    def internal(self) -> bool:
+        return self.base_url == DEMO_BASE_URL
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    provider: Provider
+    upstream_model: str
+    display_name: str
+    price_hit: int  # micro-units per 1M tokens
+    price_miss: int
+    price_write: int
+    price_out: int
+    max_output_tokens: int
+    created: int
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    currency: str
+    providers: Mapping[str, Provider]
+    models: Mapping[str, Model]
+
+    def get(self, name: str) -> Model | None:
+        return self.models.get(name)
+
+    def with_base_url(self, provider: str, base_url: str) -> Registry:
+        """A copy with one provider pointed elsewhere (the demo at our own port; tests at fakes)."""
+        old = self.providers[provider]
+        new = Provider(old.name, base_url, old.format, old.api_key, old.api_key_env)
+        providers = {**self.providers, provider: new}
+        models = {
+            n: Model(
+                m.name, new if m.provider.name == provider else m.provider, m.upstream_model,
+                m.display_name, m.price_hit, m.price_miss, m.price_write, m.price_out,
+                m.max_output_tokens, m.created,
+            )
+            for n, m in self.models.items()
+        }
+        return Registry(self.currency, providers, models)
+
+
+def load_registry(path: Path, env: Mapping[str, str]) -> Registry:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"MODELS_FILE not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"MODELS_FILE {path} is not valid TOML: {e}") from None
+    currency = str(data.get("currency", "THB"))
+    providers: dict[str, Provider] = {}
+    for name, p in (data.get("providers") or {}).items():
+        fmt = p.get("format", "openai")
+        if fmt not in ("openai", "anthropic"):
+            raise ConfigError(f"provider {name}: format must be 'openai' or 'anthropic'")
+        base_url = p.get("base_url")
+        if not base_url:
+            raise ConfigError(f"provider {name}: base_url is required")
+        key_env = p.get("api_key_env")
+        providers[name] = Provider(name, str(base_url), fmt, env.get(key_env) if key_env else None, key_env)
+    models: dict[str, Model] = {}
+    created = int(path.stat().st_mtime) if path.exists() else int(time.time())
+    for name, m in (data.get("models") or {}).items():
+        prov = providers.get(m.get("provider", ""))
+        if prov is None:
+            raise ConfigError(f"model {name}: unknown provider {m.get('provider')!r}")
+        try:
+            miss = price_per_million_micro(m["price_input_cache_miss"])
+            models[name] = Model(
+                name=name,
+                provider=prov,
+                upstream_model=str(m.get("upstream_model", name)),
+                display_name=str(m.get("display_name", name)),
+                price_hit=price_per_million_micro(m.get("price_input_cache_hit", m["price_input_cache_miss"])),
+                price_miss=miss,
+                price_write=price_per_million_micro(m["price_input_cache_write"])
+                if "price_input_cache_write" in m
+                else miss,
+                price_out=price_per_million_micro(m["price_output"]),
+                max_output_tokens=int(m.get("max_output_tokens", 4096)),
+                created=created,
+            )
+        except KeyError as e:
+            raise ConfigError(f"model {name}: {e.args[0]} is required") from None
+        except ValueError as e:
+            raise ConfigError(f"model {name}: {e}") from None
+    if not models:
+        raise ConfigError(f"MODELS_FILE {path} defines no models")
+    return Registry(currency, providers, models)
