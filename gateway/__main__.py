@@ -11,6 +11,7 @@ import sys
 
 from aiohttp import web
 
+from .appkeys import DEMO
 from .settings import ConfigError, Settings
 
 log = logging.getLogger("gateway")
@@ -23,7 +24,7 @@ def _logging(level: str) -> None:
 
 
 def _banner(settings: Settings, app: web.Application, port: int) -> None:
-    demo = app.get("demo")
+    demo = app.get(DEMO)
     base = f"http://{settings.host}:{port}"
     lines = [
         "",

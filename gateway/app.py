@@ -18,7 +18,7 @@ from ledger.store import Store
 
 from . import tokens
 from .api import api_routes
-from .appkeys import BACKGROUND, HTTP, LEDGER, METRICS, PROXY, REDIS, REGISTRY, SETTINGS, STORE
+from .appkeys import BACKGROUND, DEMO, HTTP, LEDGER, METRICS, PROXY, REDIS, REGISTRY, SETTINGS, STORE
 from .demo import demo_routes
 from .metrics import Metrics
 from .middlewares import error_middleware
@@ -44,7 +44,6 @@ def create_app(
 ) -> web.Application:
     """Build the app. Tests pass their own Redis client (own key prefix) and a registry of fakes."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
-    app["max_body_bytes"] = settings.max_body_bytes
     app[SETTINGS] = settings
     app[REGISTRY] = registry or load_registry(settings.models_file, settings.provider_env)
     app[METRICS] = Metrics()
@@ -76,7 +75,7 @@ def create_app(
             await asyncio.to_thread(app[STORE].migrate)
             worker = JournalWorker(client, keyspace, app[STORE], ledger=app[LEDGER])
             worker_task = asyncio.get_running_loop().create_task(worker.run(worker_stop))
-            app["demo"] = await bootstrap_demo(app[LEDGER], app[STORE])
+            app[DEMO] = await bootstrap_demo(app[LEDGER], app[STORE])
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         http = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False)
         app[HTTP] = http

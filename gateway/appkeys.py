@@ -21,12 +21,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKGROUND",
+    "DEMO",
     "HTTP",
     "LEDGER",
     "METRICS",
     "PROXY",
     "REDIS",
     "REGISTRY",
+    "REQUEST_ID",
     "SETTINGS",
     "STORE",
 ]
@@ -43,3 +45,7 @@ METRICS = web.AppKey("metrics", Metrics)
 PROXY = web.AppKey("proxy", "Proxy")
 # Settlements and other work that must finish even when the request that started it is cancelled.
 BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
+# Embedded default only: the demo account and its freshly issued key, for the start-up banner.
+DEMO = web.AppKey("demo", tuple[str, str])
+# Per request: the id of its metering row, sent back as x-request-id.
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -20,7 +20,7 @@ from aiohttp import web
 from ledger import errors as LE
 
 from . import errors as E
-from .appkeys import METRICS
+from .appkeys import METRICS, REQUEST_ID, SETTINGS
 
 __all__ = ["client_format", "error_middleware", "ledger_to_gateway", "render_error"]
 
@@ -87,7 +87,7 @@ def render_error(fmt: str, err: E.GatewayError, request_id: str) -> web.Response
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = new_request_id()
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     metrics = request.app[METRICS]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     try:
@@ -95,7 +95,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPRequestEntityTooLarge:
         response = render_error(
             client_format(request.path),
-            E.PayloadTooLarge(f"Request body exceeds the {request.app['max_body_bytes']} byte limit."),
+            E.PayloadTooLarge(f"Request body exceeds the {request.app[SETTINGS].max_body_bytes} byte limit."),
             request_id,
         )
     except web.HTTPException as exc:

@@ -25,6 +25,7 @@ from ledger.money import iso_ms
 
 from . import errors as E
 from . import tokens
+from .appkeys import REQUEST_ID
 from .auth import authenticate
 from .metrics import Metrics
 from .models import Model, Registry
@@ -174,7 +175,7 @@ class Proxy:
         key = await authenticate(request, self.ledger)
         body = await self._read_body(request)
         model = self._validate(body, fmt)
-        request_id: str = request["request_id"]
+        request_id: str = request[REQUEST_ID]
         if fmt == "anthropic":
             input_estimate = await tokens.count_anthropic_request_async(body)
         else:
