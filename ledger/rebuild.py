@@ -1,0 +1,254 @@
+"""Restore the live ledger in Redis from the SQLite history after Redis was lost.
+
+Every key and field is written as the Lua scripts write them (see ledger/lua/*.lua): accounts with
+their counters, the sub index, buckets with their expiry indexes and credit references, live API keys,
+open reservations, recent outcomes (so a retried settle still answers "exists"), refund records.
+The journal cursors are reset first: the streams start again from nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from .keys import hash_subject
+from .ledger import DONE_TTL_S, RESERVATION_TTL_S, Ledger
+from .reconcile import drain_all
+from .store import Store
+
+__all__ = ["RebuildRefused", "RebuildResult", "ledger_key_count", "rebuild"]
+
+_CHUNK = 500
+
+
+class RebuildRefused(Exception):
+    """Rebuild would overwrite a live ledger."""
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildResult:
+    accounts: int
+    buckets: int
+    keys: int
+    reservations: int
+
+    def as_json(self) -> dict[str, int]:
+        return {"accounts": self.accounts, "buckets": self.buckets}
+
+
+async def ledger_key_count(ledger: Ledger, *, limit: int = 1) -> int:
+    """How many of this ledger's keys exist (stops counting at `limit`)."""
+    n = 0
+    async for _ in ledger.redis.scan_iter(match=ledger.keys.pattern(), count=1000):
+        n += 1
+        if n >= limit:
+            break
+    return n
+
+
+def _read_history(store: Store, now_ms: int) -> dict[str, list[Any]]:
+    done_since = now_ms - DONE_TTL_S * 1000
+    q = store.query
+    return {
+        "accounts": q(
+            "SELECT a.*, t.credited, t.reserved, t.consumed, t.refunded, t.forfeited "
+            "FROM accounts a LEFT JOIN account_totals t USING (account_id)"
+        ),
+        "available": q(
+            "SELECT account_id, sum(remaining_micro) FROM buckets WHERE expires_ms > ? GROUP BY account_id",
+            (now_ms,),
+        ),
+        "buckets": q("SELECT * FROM buckets"),
+        "keys": q("SELECT * FROM api_keys"),
+        "open": q("SELECT * FROM reservations WHERE status = 'open'"),
+        "done": q(
+            "SELECT * FROM reservations WHERE status IN ('settled', 'released') AND finished_ms > ?",
+            (done_since,),
+        ),
+        "refunds": q("SELECT * FROM refunds"),
+    }
+
+
+async def rebuild(
+    ledger: Ledger, store: Store, *, force: bool = False, actor: str = "system"
+) -> RebuildResult:
+    """Refuses (RebuildRefused) while any ledger key exists, unless force: then the journal is
+    drained into SQLite first and every ledger key is deleted before the restore."""
+    r, ks = ledger.redis, ledger.keys
+    if await ledger_key_count(ledger):
+        if not force:
+            raise RebuildRefused("the ledger's Redis keys still exist; rebuild is for a lost Redis (use --force)")
+        await drain_all(ledger, store)
+        batch: list[str] = []
+        async for key in r.scan_iter(match=ks.pattern(), count=1000):
+            batch.append(key)
+            if len(batch) >= _CHUNK:
+                await r.delete(*batch)
+                batch = []
+        if batch:
+            await r.delete(*batch)
+    # The streams start again from nothing: forget where the old ones were, before anything new
+    # can be journaled and drained.
+    await asyncio.to_thread(store.reset_cursors)
+
+    now = ledger.now_ms()
+    h = await asyncio.to_thread(_read_history, store, now)
+    available = {acct: int(total or 0) for acct, total in h["available"]}
+    status_of = {a["account_id"]: a["status"] for a in h["accounts"]}
+    pipe = r.pipeline(transaction=False)
+    pending = 0
+
+    async def flush(force_now: bool = False) -> None:
+        nonlocal pipe, pending
+        if pending and (force_now or pending >= _CHUNK):
+            await pipe.execute()
+            pipe = r.pipeline(transaction=False)
+            pending = 0
+
+    for a in h["accounts"]:
+        acct = a["account_id"]
+        pfx = ks.pfx_for(acct)
+        threshold = int(a["low_threshold_micro"] or 0)
+        fields: dict[str, Any] = {
+            "status": a["status"],
+            "created_at": a["created_ms"],
+            "credited": a["credited"] or 0,
+            "reserved": a["reserved"] or 0,
+            "consumed": a["consumed"] or 0,
+            "refunded": a["refunded"] or 0,
+            "forfeited": a["forfeited"] or 0,
+            "low_threshold": threshold,
+            # check_low's state: armed again only once the balance is back above the threshold.
+            "low": "1" if threshold > 0 and available.get(acct, 0) < threshold else "0",
+        }
+        if a["status"] == "closed":
+            fields["closed_at"] = a["closed_ms"] or 0
+        else:
+            sub = a["google_sub"] or ""
+            fields["email"] = a["email"] or ""
+            fields["sub_hash"] = hash_subject(sub) if sub else ""
+            if sub:
+                pipe.set(pfx + "sub:" + hash_subject(sub), acct)
+        pipe.hset(pfx + "a:" + acct, mapping=fields)
+        pipe.sadd(pfx + "accounts", acct)
+        pending += 1
+        await flush()
+
+    for b in h["buckets"]:
+        bid, acct = b["bucket_id"], b["account_id"]
+        pfx = ks.pfx_for(acct)
+        remaining, expires = int(b["remaining_micro"]), int(b["expires_ms"])
+        pipe.hset(
+            pfx + "b:" + bid,
+            mapping={
+                "account": acct,
+                "amount": b["amount_micro"],
+                "remaining": remaining,
+                "expires_at": expires,
+                "source": b["source"],
+                "ref": b["reference"],
+                "created_at": b["created_ms"],
+            },
+        )
+        pipe.zadd(pfx + "a:" + acct + ":bz", {bid: expires})
+        # The sweep visits what is in bexp: every bucket that can still hold credit past its expiry
+        # (an unexpired empty one can be refilled by a release before it expires).
+        if status_of.get(acct) == "active" and (remaining > 0 or expires > now):
+            pipe.zadd(pfx + "bexp", {bid: expires})
+        if b["reference"]:
+            pipe.set(pfx + "ref:" + b["reference"], bid)
+        pending += 1
+        await flush()
+
+    for k in h["keys"]:
+        key_id, acct = k["key_id"], k["account_id"]
+        pfx = ks.pfx_for(acct)
+        fields = {"account": acct, "prefix": k["prefix"], "created_at": k["created_ms"]}
+        if k["last_used_ms"] is not None:
+            fields["last_used_at"] = k["last_used_ms"]
+        live = k["revoked_ms"] is None and status_of.get(acct) == "active"
+        if live:
+            fields["hash"] = k["key_hash"]
+            pipe.hset(pfx + "kh:" + k["key_hash"], mapping={"account": acct, "key_id": key_id})
+            pipe.hset(pfx + "a:" + acct + ":keys", key_id, k["key_hash"])
+        else:
+            fields["revoked_at"] = k["revoked_ms"] or now
+        pipe.hset(pfx + "k:" + key_id, mapping=fields)
+        pending += 1
+        await flush()
+
+    # A process still streaming gets one heartbeat period to extend its hold before the stale
+    # sweep would release it.
+    min_deadline = now + RESERVATION_TTL_S * 1000
+    for res in h["open"]:
+        req, acct = res["request_id"], res["account_id"]
+        pfx = ks.pfx_for(acct)
+        pipe.hset(
+            pfx + "r:" + req,
+            mapping={
+                "account": acct,
+                "key_id": res["key_id"] or "",
+                "held": res["held_micro"],
+                "draws": res["draws"] or "",
+                "created_at": res["created_ms"],
+            },
+        )
+        pipe.zadd(pfx + "rz", {req: max(int(res["deadline_ms"] or 0), min_deadline)})
+        if res["key_id"]:
+            pipe.sadd(pfx + "kr:" + res["key_id"], req)
+        pending += 1
+        await flush()
+
+    for res in h["done"]:
+        req = res["request_id"]
+        pfx = ks.pfx_for(res["account_id"])
+        if res["status"] == "settled":
+            done: dict[str, Any] = {
+                "outcome": "settled",
+                "charged": res["charged_micro"] or 0,
+                "shortfall": res["shortfall_micro"] or 0,
+                "draws": res["final_draws"] or "",
+            }
+        else:
+            done = {"outcome": "released"}
+        pipe.hset(pfx + "rd:" + req, mapping=done)
+        ttl_s = max(1, (int(res["finished_ms"]) + DONE_TTL_S * 1000 - now) // 1000)
+        pipe.expire(pfx + "rd:" + req, ttl_s)
+        pending += 1
+        await flush()
+
+    for rf in h["refunds"]:
+        pfx = ks.pfx_for(rf["account_id"])
+        pipe.hset(
+            pfx + "rf:" + rf["refund_id"],
+            mapping={
+                "status": rf["status"],
+                "amount": rf["amount_micro"],
+                "bucket": rf["bucket_id"],
+                "account": rf["account_id"],
+            },
+        )
+        pending += 1
+        await flush()
+    await flush(force_now=True)
+
+    result = RebuildResult(
+        accounts=len(h["accounts"]), buckets=len(h["buckets"]), keys=len(h["keys"]), reservations=len(h["open"])
+    )
+    await asyncio.to_thread(
+        lambda: store.audit(
+            actor=actor,
+            action="rebuild",
+            target="ledger",
+            detail={
+                "accounts": result.accounts,
+                "buckets": result.buckets,
+                "keys": result.keys,
+                "open_reservations": result.reservations,
+                "force": force,
+            },
+            at_ms=now,
+        )
+    )
+    return result

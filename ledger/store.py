@@ -1,0 +1,400 @@
+"""The SQLite history: schema and migrations, the writer connection, and the reads the web serves.
+
+One file in WAL mode: the journal worker and the ops CLI write it (one short transaction at a time),
+the web processes only read it through read-only connections. Money columns are integer micro-units;
+timestamps are ISO 8601 UTC strings, with `*_ms` integers beside them where a rebuild of the live
+ledger needs the exact instant back.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from .money import iso_ms
+
+__all__ = [
+    "METERING_COLUMNS",
+    "SCHEMA_VERSION",
+    "Store",
+    "connect_readonly",
+]
+
+T = TypeVar("T")
+
+# The export's columns: SPEC section 7, then what we add beside it.
+METERING_COLUMNS = (
+    "request_id",
+    "account_id",
+    "key_id",
+    "model",
+    "provider",
+    "upstream_model",
+    "input_cache_hit_tokens",
+    "input_cache_miss_tokens",
+    "output_tokens",
+    "charge_micro",
+    "draws",
+    "status",
+    "started_at",
+    "finished_at",
+    "latency_ms",
+    "shortfall_micro",
+    "estimated",
+    "cache_write_tokens",
+)
+
+_V1 = """
+CREATE TABLE accounts (
+    account_id TEXT PRIMARY KEY,
+    email TEXT,                       -- NULL once closed
+    google_sub TEXT,                  -- NULL once closed (and for accounts made by ops)
+    status TEXT NOT NULL CHECK (status IN ('active', 'closed')),
+    created_at TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    closed_at TEXT,
+    closed_ms INTEGER,
+    low_threshold_micro INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE account_totals (
+    account_id TEXT PRIMARY KEY REFERENCES accounts (account_id),
+    credited INTEGER NOT NULL DEFAULT 0,
+    reserved INTEGER NOT NULL DEFAULT 0,
+    consumed INTEGER NOT NULL DEFAULT 0,
+    refunded INTEGER NOT NULL DEFAULT 0,
+    forfeited INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE api_keys (
+    key_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts (account_id),
+    key_hash TEXT NOT NULL,           -- SHA-256 of the key; the key itself is never stored
+    prefix TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    revoked_at TEXT,
+    revoked_ms INTEGER,
+    last_used_at TEXT,
+    last_used_ms INTEGER
+);
+CREATE INDEX api_keys_account ON api_keys (account_id);
+CREATE TABLE buckets (
+    bucket_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts (account_id),
+    amount_micro INTEGER NOT NULL,
+    remaining_micro INTEGER NOT NULL,
+    expires_at TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX buckets_account ON buckets (account_id, expires_ms);
+CREATE TABLE reservations (
+    request_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    key_id TEXT NOT NULL DEFAULT '',
+    held_micro INTEGER NOT NULL,
+    draws TEXT NOT NULL DEFAULT '',   -- as the Lua encodes them: "bucket:amount,bucket:amount"
+    status TEXT NOT NULL CHECK (status IN ('open', 'settled', 'released')),
+    reason TEXT,
+    created_at TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    finished_at TEXT,
+    finished_ms INTEGER,
+    deadline_ms INTEGER NOT NULL DEFAULT 0,
+    charged_micro INTEGER,
+    shortfall_micro INTEGER,
+    final_draws TEXT
+);
+CREATE INDEX reservations_open ON reservations (status, account_id);
+CREATE TABLE metering (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL UNIQUE,
+    account_id TEXT NOT NULL,
+    key_id TEXT,
+    model TEXT,
+    provider TEXT,
+    upstream_model TEXT,
+    input_cache_hit_tokens INTEGER NOT NULL DEFAULT 0,
+    input_cache_miss_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    charge_micro INTEGER NOT NULL,
+    draws TEXT NOT NULL,              -- JSON [{"bucket_id", "amount_micro"}]
+    status TEXT,
+    started_at TEXT,
+    finished_at TEXT,
+    latency_ms INTEGER,
+    shortfall_micro INTEGER NOT NULL DEFAULT 0,
+    estimated INTEGER NOT NULL DEFAULT 0,
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+    finished_ms INTEGER NOT NULL
+);
+CREATE INDEX metering_account ON metering (account_id, seq);
+CREATE INDEX metering_account_time ON metering (account_id, finished_ms);
+CREATE TABLE refunds (
+    refund_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    bucket_id TEXT NOT NULL,
+    amount_micro INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('taken', 'confirmed', 'reverted')),
+    external_ref TEXT,
+    created_at TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    finished_at TEXT
+);
+CREATE INDEX refunds_account ON refunds (account_id);
+CREATE TABLE forfeitures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    account_id TEXT NOT NULL,
+    bucket_id TEXT NOT NULL,
+    amount_micro INTEGER NOT NULL,
+    at TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE INDEX forfeitures_account ON forfeitures (account_id);
+CREATE TABLE low_balance_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    account_id TEXT NOT NULL,
+    available_micro INTEGER NOT NULL,
+    threshold_micro INTEGER NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE TABLE audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+CREATE TABLE journal_cursor (
+    shard INTEGER PRIMARY KEY,
+    last_id TEXT NOT NULL
+);
+"""
+
+# Each entry upgrades from the version before it; never edit a shipped one, append a new one.
+_MIGRATIONS: tuple[str, ...] = (_V1,)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA foreign_keys = ON")
+
+
+def connect_readonly(path: str) -> sqlite3.Connection:
+    """A read-only connection for the web processes (they never write the history)."""
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30)
+    conn.row_factory = sqlite3.Row
+    _configure(conn)
+    return conn
+
+
+class Store:
+    """The history file. Writes go through one connection guarded by a lock; call from a thread
+    (asyncio.to_thread) when on an event loop: sqlite3 blocks."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+
+    # ----- connections ----------------------------------------------------------------------
+    def _writer(self) -> sqlite3.Connection:
+        if self._conn is None:
+            Path(self.path).resolve().parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.row_factory = sqlite3.Row
+            _configure(conn)
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL, not NORMAL: the journal stream is trimmed right after a commit, so a commit that a
+            # power cut could undo would lose events for good.
+            conn.execute("PRAGMA synchronous = FULL")
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn in one BEGIN IMMEDIATE transaction (the write lock is taken up front, so a second
+        writer waits here rather than failing at its first write); commit, or roll back on error."""
+        with self._lock:
+            conn = self._writer()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+    @contextmanager
+    def reader(self) -> Iterator[sqlite3.Connection]:
+        conn = connect_readonly(self.path)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    # ----- schema ---------------------------------------------------------------------------
+    def migrate(self) -> int:
+        """Create or upgrade the schema; idempotent. Returns the schema version."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"database schema {version} is newer than this code ({SCHEMA_VERSION})")
+            for script in _MIGRATIONS[version:]:
+                for statement in _split_sql(script):
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+            return SCHEMA_VERSION
+
+        return self.write(run)
+
+    # ----- audit log ------------------------------------------------------------------------
+    def audit(self, *, actor: str, action: str, target: str, detail: dict[str, Any], at_ms: int) -> int:
+        """Append an operator action (ids and amounts only). Returns its row id."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+                (iso_ms(at_ms), actor, action, target, orjson.dumps(detail).decode()),
+            )
+            return int(cur.lastrowid or 0)
+
+        return self.write(run)
+
+    def audit_rows(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self.reader() as conn:
+            rows = conn.execute("SELECT * FROM audit_log ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [dict(r) for r in rows]
+
+    # ----- journal cursors ------------------------------------------------------------------
+    def cursors(self) -> dict[int, str]:
+        with self.reader() as conn:
+            return {int(r[0]): str(r[1]) for r in conn.execute("SELECT shard, last_id FROM journal_cursor")}
+
+    def reset_cursors(self) -> None:
+        self.write(lambda conn: conn.execute("DELETE FROM journal_cursor"))
+
+    # ----- reads for the web ----------------------------------------------------------------
+    def usage_rows(self, account_id: str, limit: int = 50, before: int | None = None) -> list[dict[str, Any]]:
+        """One page of metering rows, newest first. Each row carries `seq`; pass the last row's seq
+        as `before` for the next page."""
+        limit = max(1, min(int(limit), 1000))
+        with self.reader() as conn:
+            rows = conn.execute(
+                f"SELECT seq, {', '.join(METERING_COLUMNS)} FROM metering "
+                "WHERE account_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+                (account_id, before if before is not None else 2**62, limit),
+            ).fetchall()
+        return [_metering_row(r, with_seq=True) for r in rows]
+
+    def iter_usage(self, account_id: str, *, chunk: int = 500) -> Iterator[dict[str, Any]]:
+        """Every metering row of the account, oldest first, read in chunks (for a streamed export)."""
+        after = 0
+        while True:
+            with self.reader() as conn:
+                rows = conn.execute(
+                    f"SELECT seq, {', '.join(METERING_COLUMNS)} FROM metering "
+                    "WHERE account_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (account_id, after, chunk),
+                ).fetchall()
+            for r in rows:
+                yield _metering_row(r, with_seq=False)
+            if len(rows) < chunk:
+                return
+            after = int(rows[-1]["seq"])
+
+    def daily_totals(self, account_id: str, days: int = 30, *, now_ms: int) -> list[dict[str, Any]]:
+        """Per day (UTC) and model over the last `days` days: requests, tokens and charge."""
+        since = now_ms - int(days) * 86_400_000
+        with self.reader() as conn:
+            rows = conn.execute(
+                "SELECT substr(finished_at, 1, 10) AS day, model, count(*) AS requests, "
+                "sum(input_cache_hit_tokens) AS input_cache_hit_tokens, "
+                "sum(input_cache_miss_tokens) AS input_cache_miss_tokens, "
+                "sum(output_tokens) AS output_tokens, sum(charge_micro) AS charge_micro "
+                "FROM metering WHERE account_id = ? AND finished_ms >= ? "
+                "GROUP BY day, model ORDER BY day, model",
+                (account_id, since),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def account_history(self, account_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Money events other than requests, newest first: credits, refunds, forfeitures."""
+        with self.reader() as conn:
+            rows = conn.execute(
+                "SELECT * FROM ("
+                " SELECT created_ms AS at_ms, 'credit' AS kind, bucket_id, amount_micro, source AS detail"
+                "  FROM buckets WHERE account_id = :a"
+                " UNION ALL SELECT created_ms, 'refund', bucket_id,"
+                "  amount_micro, status FROM refunds WHERE account_id = :a"
+                " UNION ALL SELECT at_ms, 'forfeit', bucket_id,"
+                "  amount_micro, '' FROM forfeitures WHERE account_id = :a"
+                ") ORDER BY at_ms DESC LIMIT :n",
+                {"a": account_id, "n": max(1, min(int(limit), 1000))},
+            ).fetchall()
+        return [{**dict(r), "at": iso_ms(int(r["at_ms"]))} for r in rows]
+
+    def buckets_of(self, account_id: str) -> list[dict[str, Any]]:
+        with self.reader() as conn:
+            rows = conn.execute(
+                "SELECT * FROM buckets WHERE account_id = ? ORDER BY expires_ms, bucket_id", (account_id,)
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        """A read for the ledger's own tools (reconcile, rebuild)."""
+        with self.reader() as conn:
+            return conn.execute(sql, params).fetchall()
+
+
+def _metering_row(r: sqlite3.Row, *, with_seq: bool) -> dict[str, Any]:
+    row = {c: r[c] for c in METERING_COLUMNS}
+    row["draws"] = orjson.loads(r["draws"]) if r["draws"] else []
+    row["estimated"] = bool(r["estimated"])
+    if with_seq:
+        row["seq"] = r["seq"]
+    return row
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a migration; triggers hold ';' inside BEGIN..END, so split on complete ones."""
+    out: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--") and not buf.strip():
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out
