@@ -1,0 +1,328 @@
+"""The ops CLI, `python -m ledger COMMAND` (SPEC 6): exit 0 done, 1 refused (one line on stderr), 2 bad usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import signal
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .config import ConfigError, LedgerConfig
+from .errors import LedgerError
+from .journal import JournalWorker
+from .ledger import DEFAULT_BUCKET_LIFE_S, Ledger
+from .money import iso_ms, parse_amount
+from .rebuild import RebuildRefused, rebuild
+from .reconcile import drain_all, reconcile
+from .store import METERING_COLUMNS, Store
+
+__all__ = ["build_parser", "main"]
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+class Refused(Exception):
+    """A refused operation: exit 1 with this one line."""
+
+
+class BadUsage(Exception):
+    """Arguments that parse but make no sense: exit 2."""
+
+
+@dataclass
+class Ctx:
+    config: LedgerConfig
+    json: bool
+    out: TextIO
+    _redis: aioredis.Redis | None = None
+    _store: Store | None = None
+
+    async def ledger(self) -> Ledger:
+        if self._redis is None:
+            try:
+                url = self.config.resolve_redis_url()
+            except ConfigError as exc:
+                raise Refused(str(exc)) from None
+            self._redis = aioredis.Redis.from_url(url, decode_responses=True)
+            try:
+                await self._redis.ping()
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                raise Refused("cannot reach the ledger's Redis (check REDIS_URL)") from None
+        return Ledger(self._redis, self.config.keyspace)
+
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.config.database_path)
+            self._store.migrate()  # idempotent; the release process normally did it already
+        return self._store
+
+    def audit(self, action: str, target: str, detail: dict[str, Any], at_ms: int) -> None:
+        self.store().audit(actor=self.config.actor, action=action, target=target, detail=detail, at_ms=at_ms)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._store is not None:
+            self._store.close()
+
+    def emit(self, data: Any) -> None:
+        if self.json:
+            self.out.write(orjson.dumps(data).decode() + "\n")
+        elif isinstance(data, dict):
+            for k, v in data.items():
+                text = orjson.dumps(v).decode() if isinstance(v, (list, dict)) else v
+                self.out.write(f"{k}: {text}\n")
+        else:
+            self.out.write(f"{data}\n")
+
+
+# ----- commands ---------------------------------------------------------------------------------
+
+
+async def cmd_account_create(ctx: Ctx, a: argparse.Namespace) -> int:
+    ledger = await ctx.ledger()
+    account_id, created = await ledger.create_account(a.email)
+    ctx.audit("account.create", account_id, {"created": created}, ledger.now_ms())
+    ctx.emit({"account_id": account_id})
+    return EXIT_OK
+
+
+async def cmd_key_create(ctx: Ctx, a: argparse.Namespace) -> int:
+    ledger = await ctx.ledger()
+    new = await ledger.create_key(a.account)
+    ctx.audit("key.create", a.account, {"key_id": new.key_id, "prefix": new.prefix}, ledger.now_ms())
+    ctx.emit({"key_id": new.key_id, "key": new.key})
+    return EXIT_OK
+
+
+async def cmd_key_renew(ctx: Ctx, a: argparse.Namespace) -> int:
+    ledger = await ctx.ledger()
+    account = await ledger.key_account(a.key_id)
+    new = await ledger.rotate_key(a.key_id)
+    ctx.audit(
+        "key.renew", account or "", {"old_key_id": a.key_id, "key_id": new.key_id, "prefix": new.prefix},
+        ledger.now_ms(),
+    )
+    ctx.emit({"key_id": new.key_id, "key": new.key})
+    return EXIT_OK
+
+
+async def cmd_key_revoke(ctx: Ctx, a: argparse.Namespace) -> int:
+    ledger = await ctx.ledger()
+    account = await ledger.revoke_key(a.key_id)
+    ctx.audit("key.revoke", account, {"key_id": a.key_id}, ledger.now_ms())
+    ctx.emit({"key_id": a.key_id})
+    return EXIT_OK
+
+
+async def cmd_grant(ctx: Ctx, a: argparse.Namespace) -> int:
+    try:
+        amount = parse_amount(a.amount)
+    except ValueError as exc:
+        raise BadUsage(f"AMOUNT: {exc}") from None
+    if a.expires_in <= 0:
+        raise BadUsage("--expires-in must be a positive number of seconds")
+    ledger = await ctx.ledger()
+    credit = await ledger.credit(
+        a.account, amount, reference=f"grant_{uuid.uuid4().hex}", source="grant", life_s=a.expires_in
+    )
+    detail: dict[str, Any] = {
+        "bucket_id": credit.bucket_id,
+        "amount_micro": credit.amount_micro,
+        "expires_at": iso_ms(credit.expires_at),
+    }
+    if a.reason:
+        detail["reason"] = a.reason
+    ctx.audit("grant", a.account, detail, ledger.now_ms())
+    ctx.emit({"bucket_id": credit.bucket_id, "amount_micro": credit.amount_micro,
+              "expires_at": iso_ms(credit.expires_at)})
+    return EXIT_OK
+
+
+async def cmd_balance(ctx: Ctx, a: argparse.Namespace) -> int:
+    ledger = await ctx.ledger()
+    bal = await ledger.balance(a.account)
+    now = ledger.now_ms()
+    ctx.emit(
+        {
+            "account_id": bal.account_id,
+            "currency": ctx.config.currency,
+            "available_micro": bal.available_micro,
+            "reserved_micro": bal.reserved_micro,
+            "buckets": [
+                {
+                    "bucket_id": b.bucket_id,
+                    "amount_micro": b.amount_micro,
+                    "remaining_micro": b.remaining_micro,
+                    "expires_at": iso_ms(b.expires_at),
+                    "source": b.source,
+                }
+                for b in bal.buckets
+                if b.expires_at > now  # expired credit is forfeited, not part of the balance
+            ],
+        }
+    )
+    return EXIT_OK
+
+
+async def cmd_usage(ctx: Ctx, a: argparse.Namespace) -> int:
+    store = ctx.store()
+    # Bring the history up to date when the live ledger is reachable; the rows are SQLite's anyway.
+    try:
+        ledger = await ctx.ledger()
+        await drain_all(ledger, store)
+    except Refused:
+        pass
+    if not store.query("SELECT 1 FROM accounts WHERE account_id = ?", (a.account,)):
+        raise Refused("no such account")
+    rows = store.iter_usage(a.account)
+    fmt = a.format or ("json" if ctx.json else "csv")
+    if fmt == "csv":
+        w = csv.writer(ctx.out, lineterminator="\n")
+        w.writerow(METERING_COLUMNS)
+        for row in rows:
+            w.writerow([orjson.dumps(row[c]).decode() if c == "draws" else row[c] for c in METERING_COLUMNS])
+    elif fmt == "jsonl":
+        for row in rows:
+            ctx.out.write(orjson.dumps(row).decode() + "\n")
+    else:
+        ctx.out.write(orjson.dumps(list(rows)).decode() + "\n")
+    return EXIT_OK
+
+
+async def cmd_expire(ctx: Ctx, a: argparse.Namespace) -> int:
+    ledger = await ctx.ledger()
+    buckets, forfeited = await ledger.expire()
+    ctx.emit({"forfeited_micro": forfeited, "buckets": buckets})
+    return EXIT_OK
+
+
+async def cmd_reconcile(ctx: Ctx, a: argparse.Namespace) -> int:
+    report = await reconcile(await ctx.ledger(), ctx.store())
+    ctx.emit(report.as_json())
+    if not report.ok:
+        raise Refused(f"reconcile found {len(report.problems)} problem(s)")
+    return EXIT_OK
+
+
+async def cmd_rebuild(ctx: Ctx, a: argparse.Namespace) -> int:
+    try:
+        result = await rebuild(await ctx.ledger(), ctx.store(), force=a.force, actor=ctx.config.actor)
+    except RebuildRefused as exc:
+        raise Refused(str(exc)) from None
+    ctx.emit(result.as_json())
+    return EXIT_OK
+
+
+async def cmd_migrate(ctx: Ctx, a: argparse.Namespace) -> int:
+    ctx.emit({"version": ctx.store().migrate()})
+    return EXIT_OK
+
+
+async def cmd_worker(ctx: Ctx, a: argparse.Namespace) -> int:
+    ledger = await ctx.ledger()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    worker = JournalWorker(ledger.redis, ledger.keys, ctx.store(), ledger=ledger)
+    sys.stderr.write("ledger worker: draining the journal until SIGTERM\n")
+    sys.stderr.flush()
+    await worker.run(stop, interval_s=a.interval)
+    return EXIT_OK
+
+
+# ----- parsing ----------------------------------------------------------------------------------
+
+Command = Callable[[Ctx, argparse.Namespace], Awaitable[int]]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's own: usage on stderr, exit 2
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m ledger", description="Coding Plan ledger operations (SPEC 6).")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def cmd(parent: Any, name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help_text)
+        sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    account = sub.add_parser("account", help="accounts").add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    cmd(account, "create", cmd_account_create, "create an account").add_argument("email")
+    key = sub.add_parser("key", help="API keys").add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    cmd(key, "create", cmd_key_create, "new API key, shown once").add_argument("account")
+    cmd(key, "renew", cmd_key_renew, "rotate a key").add_argument("key_id")
+    cmd(key, "revoke", cmd_key_revoke, "revoke a key").add_argument("key_id")
+    g = cmd(sub, "grant", cmd_grant, "manual credit bucket")
+    g.add_argument("account")
+    g.add_argument("amount", help="currency units, e.g. 100 or 12.5")
+    g.add_argument("--expires-in", type=int, default=DEFAULT_BUCKET_LIFE_S, metavar="SECONDS")
+    g.add_argument("--reason", default="")
+    cmd(sub, "balance", cmd_balance, "as GET /v1/balance").add_argument("account")
+    u = cmd(sub, "usage", cmd_usage, "the account's metering rows")
+    u.add_argument("account")
+    u.add_argument("--format", choices=("csv", "jsonl"))
+    cmd(sub, "expire", cmd_expire, "forfeit what expired now")
+    cmd(sub, "reconcile", cmd_reconcile, "check conservation in Redis and SQLite")
+    cmd(sub, "rebuild", cmd_rebuild, "restore Redis from SQLite after Redis was lost").add_argument(
+        "--force", action="store_true", help="replace a ledger that still has keys"
+    )
+    cmd(sub, "migrate", cmd_migrate, "create or upgrade the SQLite schema")
+    cmd(sub, "worker", cmd_worker, "drain the journal until SIGTERM").add_argument(
+        "--interval", type=float, default=0.5, metavar="SECONDS"
+    )
+    return p
+
+
+async def _run(fn: Command, ctx: Ctx, args: argparse.Namespace) -> int:
+    try:
+        return await fn(ctx, args)
+    finally:
+        await ctx.close()
+
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    # `--json` is accepted anywhere, before or after the command and its arguments.
+    want_json = "--json" in raw
+    raw = [x for x in raw if x != "--json"]
+    args = build_parser().parse_args(raw)
+    try:
+        config = LedgerConfig.from_env(environ)
+    except ConfigError as exc:
+        sys.stderr.write(f"ledger: {exc}\n")
+        return EXIT_USAGE
+    ctx = Ctx(config=config, json=want_json, out=sys.stdout)
+    name = " ".join(x for x in (args.command, getattr(args, "sub", None)) if x)
+    try:
+        return asyncio.run(_run(args.fn, ctx, args))
+    except BadUsage as exc:
+        sys.stderr.write(f"ledger {name}: {exc}\n")
+        return EXIT_USAGE
+    except (Refused, LedgerError) as exc:
+        sys.stderr.write(f"ledger {name}: {exc}\n")
+        return EXIT_REFUSED
+    except ValueError as exc:
+        # Malformed ids and amounts from the command line.
+        sys.stderr.write(f"ledger {name}: {exc}\n")
+        return EXIT_USAGE
+    except (RedisConnectionError, RedisTimeoutError):
+        sys.stderr.write(f"ledger {name}: lost the connection to the ledger's Redis\n")
+        return EXIT_REFUSED
