@@ -1,0 +1,309 @@
+"""Faults end to end: disconnects, upstream deaths, errors, timeouts, limits, crashes, shutdown; response and ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from gateway import tokens
+from gateway.sse import DONE, SSEEvent, SSEParser
+from gateway.usage import Usage, charge_micro
+from ledger.journal import JournalWorker
+from ledger.keys import Keyspace
+from ledger.ledger import Ledger
+from ledger.reconcile import reconcile
+from ledger.store import Store
+from tests.fakes.upstream import FakeUpstream, Script
+from tests.gateway_harness import Gateway, running_gateway
+
+PRICES = {  # micro-units per 1M tokens, as in gateway_harness.MODELS_TOML
+    "gpt-test": dict(hit=1_500_000, miss=3_000_000, out=12_000_000),
+    "claude-test": dict(hit=3_000_000, miss=30_000_000, out=150_000_000, write=37_500_000),
+}
+# (client format, model): same format on both sides, and translated both ways.
+ROUTES = [
+    ("openai", "gpt-test"),
+    ("anthropic", "claude-test"),
+    ("anthropic", "gpt-test"),
+    ("openai", "claude-test"),
+]
+ROUTE_IDS = ["openai-same", "anthropic-same", "anthropic-client-openai-upstream", "openai-client-anthropic-upstream"]
+FUNDS = 100_000_000  # funded_key(100)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as f:
+        yield f
+
+
+@pytest.fixture
+async def gw(
+    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, fake: FakeUpstream
+) -> AsyncIterator[Gateway]:
+    async with running_gateway(redis_client, clean_keyspace, tmp_path, fake) as g:
+        yield g
+
+
+# ----- helpers ------------------------------------------------------------------------------------
+
+
+def path_for(fmt: str) -> str:
+    return "/v1/messages" if fmt == "anthropic" else "/v1/chat/completions"
+
+
+def headers_for(fmt: str, key: str) -> dict[str, str]:
+    if fmt == "anthropic":
+        return {"x-api-key": key, "anthropic-version": "2023-06-01"}
+    return {"Authorization": f"Bearer {key}"}
+
+
+def body_for(fmt: str, model: str, *, stream: bool, max_tokens: int = 1000) -> dict[str, Any]:
+    return {
+        "model": model,
+        "stream": stream,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "Write a long story."}],
+    }
+
+
+def events_of(raw: bytes) -> list[SSEEvent]:
+    parser = SSEParser()
+    return parser.feed(raw) + parser.close()
+
+
+def stream_error(fmt: str, events: list[SSEEvent]) -> dict[str, Any]:
+    """The well-formed in-stream error event in the client's format; fails when there is none."""
+    for ev in events:
+        if ev.data == DONE:
+            continue
+        obj = orjson.loads(ev.data)
+        if fmt == "anthropic" and ev.event == "error":
+            assert isinstance(obj["error"]["type"], str) and isinstance(obj["error"]["message"], str)
+            return dict(obj["error"])
+        if fmt == "openai" and ev.event is None and "error" in obj:
+            assert isinstance(obj["error"]["type"], str) and isinstance(obj["error"]["message"], str)
+            return dict(obj["error"])
+    raise AssertionError(f"no {fmt} error event in the stream")
+
+
+def assert_error_body(fmt: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A whole-response error in the client's format; returns its inner error object."""
+    if fmt == "anthropic":
+        assert body["type"] == "error", body
+    assert isinstance(body["error"]["type"], str) and isinstance(body["error"]["message"], str), body
+    return dict(body["error"])
+
+
+def row_charge(model: str, row: dict[str, Any]) -> int:
+    """What the price table makes of the counts in a metering row (miss includes cache writes)."""
+    write = row["cache_write_tokens"] or 0
+    usage = Usage(row["input_cache_hit_tokens"], row["input_cache_miss_tokens"] - write, row["output_tokens"], write)
+    return charge_micro(usage, **PRICES[model])
+
+
+async def assert_books(gw: Gateway, key: str, charged: int) -> None:
+    """Available is what was funded less what was charged, nothing stays reserved, reconcile is green."""
+    bal = await gw.ledger.balance(await gw.account_of(key))
+    assert (bal.available_micro, bal.reserved_micro) == (FUNDS - charged, 0)
+    await gw.reconcile_ok()
+
+
+async def read_some_then_hang_up(r: aiohttp.ClientResponse, frames: int) -> bytes:
+    got = b""
+    while got.count(b"\n\n") < frames:
+        chunk = await r.content.readany()
+        assert chunk, "the stream ended before the client hung up"
+        got += chunk
+    r.close()
+    return got
+
+
+# ----- client disconnect ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "model"), ROUTES, ids=ROUTE_IDS)
+async def test_client_disconnect_cancels_upstream_and_charges_what_was_produced(
+    gw: Gateway, fake: FakeUpstream, fmt: str, model: str
+) -> None:
+    text = "lorem ipsum dolor sit amet " * 40
+    fake.script = Script(text=text, text_chunks=40, chunk_delay_s=0.05, usage=None)
+    key = await gw.funded_key(100)
+    async with gw.http.post(
+        gw.url + path_for(fmt), json=body_for(fmt, model, stream=True), headers=headers_for(fmt, key)
+    ) as r:
+        assert r.status == 200
+        request_id = r.headers["x-request-id"]
+        seen = await read_some_then_hang_up(r, 6)
+        hung_up = time.monotonic()
+    # The rest of the stream would take ~2 s more: the gateway must hang up on the upstream at once.
+    await fake.wait_disconnects(1, timeout=1.0)
+    assert time.monotonic() - hung_up < 0.5
+    assert fake.completed == 0
+    rows = await gw.settled()
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["request_id"] == request_id
+    assert row["status"] == "client_disconnect"
+    assert row["estimated"] == 1  # no usage from the upstream: counted from the streamed text
+    received = "".join(
+        (orjson.loads(e.data).get("delta") or {}).get("text", "")
+        if fmt == "anthropic"
+        else "".join(c["delta"].get("content") or "" for c in orjson.loads(e.data)["choices"])
+        for e in events_of(seen)
+        if e.data != DONE and e.event in (None, "content_block_delta")
+    )
+    assert received and text.startswith(received)
+    # At least what the client got, at most the whole text: what was produced before the hang-up.
+    assert tokens.count_text(received) <= row["output_tokens"] < tokens.count_text(text)
+    assert row["input_cache_miss_tokens"] > 0
+    assert row["charge_micro"] == row_charge(model, row) > 0
+    await assert_books(gw, key, row["charge_micro"])
+
+
+# ----- upstream dies mid-stream --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "model"), ROUTES, ids=ROUTE_IDS)
+async def test_upstream_death_mid_stream_sends_an_error_event_and_settles_what_was_produced(
+    gw: Gateway, fake: FakeUpstream, fmt: str, model: str
+) -> None:
+    fake.script = Script(text="alpha beta gamma delta epsilon zeta eta theta", text_chunks=8, die_after=5)
+    key = await gw.funded_key(100)
+    async with gw.http.post(
+        gw.url + path_for(fmt), json=body_for(fmt, model, stream=True), headers=headers_for(fmt, key)
+    ) as r:
+        assert r.status == 200
+        request_id = r.headers["x-request-id"]
+        raw = await r.read()  # the gateway ends the stream properly even though the upstream did not
+    events = events_of(raw)
+    err = stream_error(fmt, events)
+    assert "incomplete" in err["message"] or "ended" in err["message"]
+    if fmt == "anthropic":
+        assert events[0].event == "message_start"
+        assert not any(e.event == "message_stop" for e in events)
+    rows = await gw.settled()
+    row = rows[0]
+    assert row["request_id"] == request_id
+    assert row["status"] == "upstream_error"
+    assert row["output_tokens"] > 0  # some text was produced and streamed before the death
+    assert row["charge_micro"] == row_charge(model, row) > 0
+    await assert_books(gw, key, row["charge_micro"])
+
+
+# ----- upstream error status before streaming ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "model"), ROUTES, ids=ROUTE_IDS)
+async def test_upstream_error_status_reaches_the_client_in_its_format_and_charges_nothing(
+    gw: Gateway, fake: FakeUpstream, fmt: str, model: str
+) -> None:
+    key = await gw.funded_key(100)
+    cases = [(500, 500), (429, 429), (400, 400), (401, 502), (402, 502)]
+    ids = []
+    for stream in (True, False):
+        for up_status, client_status in cases:
+            headers = (("retry-after", "7"),) if up_status == 429 else ()
+            fake.enqueue(Script(status=up_status, error_message="upstream says no", error_headers=headers))
+            async with gw.http.post(
+                gw.url + path_for(fmt), json=body_for(fmt, model, stream=stream), headers=headers_for(fmt, key)
+            ) as r:
+                assert r.status == client_status, (up_status, stream)
+                assert r.content_type == "application/json"
+                err = assert_error_body(fmt, await r.json())
+                ids.append(r.headers["x-request-id"])
+                if up_status == 429:
+                    assert r.headers["retry-after"] == "7"
+                    assert err["type"] == "rate_limit_error"
+                if client_status == 502:
+                    # Our credentials or quota upstream: not the user's key, not the user's balance.
+                    assert "upstream" in err["message"] and "upstream says no" not in err["message"]
+                else:
+                    assert err["message"] == "upstream says no"
+    rows = await gw.settled(len(ids))
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)
+    assert {r["status"] for r in rows} == {"upstream_error"}
+    assert {r["charge_micro"] for r in rows} == {0}
+    assert {r["output_tokens"] for r in rows} == {0}
+    await assert_books(gw, key, 0)
+
+
+# ----- connect failure, hang, stall ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["openai", "anthropic"])
+async def test_unreachable_upstream_is_502_and_charges_nothing(gw: Gateway, fake: FakeUpstream, fmt: str) -> None:
+    key = await gw.funded_key(100)
+    await fake.close()  # the port is closed now: connection refused
+    model = "gpt-test" if fmt == "openai" else "claude-test"
+    async with gw.http.post(
+        gw.url + path_for(fmt), json=body_for(fmt, model, stream=True), headers=headers_for(fmt, key)
+    ) as r:
+        assert r.status == 502
+        err = assert_error_body(fmt, await r.json())
+        assert err["type"] == "api_error" if fmt == "anthropic" else err["code"] == "upstream_error"
+        request_id = r.headers["x-request-id"]
+    rows = await gw.settled()
+    assert [(x["request_id"], x["status"], x["charge_micro"]) for x in rows] == [(request_id, "upstream_error", 0)]
+    await assert_books(gw, key, 0)
+
+
+@pytest.mark.parametrize(("fmt", "model"), ROUTES, ids=ROUTE_IDS)
+async def test_upstream_that_never_answers_is_504_after_the_idle_timeout(
+    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, fake: FakeUpstream, fmt: str, model: str
+) -> None:
+    async with running_gateway(redis_client, clean_keyspace, tmp_path, fake, upstream_idle_timeout_s=0.5) as gw:
+        key = await gw.funded_key(100)
+        ids = []
+        for script in (Script(hang=True), Script(first_byte_delay_s=3.0)):
+            fake.enqueue(script)
+            t0 = time.monotonic()
+            async with gw.http.post(
+                gw.url + path_for(fmt), json=body_for(fmt, model, stream=True), headers=headers_for(fmt, key)
+            ) as r:
+                assert r.status == 504
+                err = assert_error_body(fmt, await r.json())
+                assert err["type"] == ("timeout_error" if fmt == "anthropic" else "server_error")
+                ids.append(r.headers["x-request-id"])
+            assert 0.4 < time.monotonic() - t0 < 2.0
+        await fake.wait_disconnects(2)  # the gateway hung up on the silent upstream
+        rows = await gw.settled(2)
+        assert sorted((x["request_id"], x["status"], x["charge_micro"]) for x in rows) == sorted(
+            (i, "upstream_timeout", 0) for i in ids
+        )
+        await assert_books(gw, key, 0)
+
+
+@pytest.mark.parametrize(("fmt", "model"), ROUTES, ids=ROUTE_IDS)
+async def test_upstream_stall_mid_stream_ends_with_an_error_event_and_upstream_timeout(
+    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, fake: FakeUpstream, fmt: str, model: str
+) -> None:
+    async with running_gateway(redis_client, clean_keyspace, tmp_path, fake, upstream_idle_timeout_s=0.5) as gw:
+        fake.script = Script(text="one two three four five six seven eight", text_chunks=8, stall_after=5)
+        key = await gw.funded_key(100)
+        t0 = time.monotonic()
+        async with gw.http.post(
+            gw.url + path_for(fmt), json=body_for(fmt, model, stream=True), headers=headers_for(fmt, key)
+        ) as r:
+            assert r.status == 200
+            request_id = r.headers["x-request-id"]
+            raw = await r.read()
+        assert 0.4 < time.monotonic() - t0 < 2.0
+        err = stream_error(fmt, events_of(raw))
+        if fmt == "anthropic":
+            assert err["type"] == "timeout_error"
+        assert "stopped sending" in err["message"]
+        await fake.wait_disconnects(1)
+        rows = await gw.settled()
+        row = rows[0]
+        assert (row["request_id"], row["status"]) == (request_id, "upstream_timeout")
+        assert row["output_tokens"] > 0 and row["charge_micro"] == row_charge(model, row) > 0
+        await assert_books(gw, key, row["charge_micro"])
