@@ -66,6 +66,7 @@ def create_app(
         app[REDIS] = client
         keyspace = Keyspace(prefix=settings.ledger_prefix, shards=settings.ledger_shards)
         app[LEDGER] = Ledger(client, keyspace, **({"clock": clock} if clock else {}))
+        await app[LEDGER].load_scripts()
         app[STORE] = Store(str(settings.database_path))
         worker_stop = asyncio.Event()
         worker_task = None

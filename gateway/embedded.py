@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from fakeredis import TcpFakeServer
+from fakeredis._clients._tcp_server import TCPFakeRequestHandler
 
 from ledger.ledger import Ledger
 from ledger.store import Store
@@ -20,6 +21,25 @@ from ledger.store import Store
 __all__ = ["EmbeddedRedis", "bootstrap_demo"]
 
 log = logging.getLogger("gateway.embedded")
+
+
+_COMMAND_LOCK = threading.Lock()
+
+
+class _SerialHandler(TCPFakeRequestHandler):
+    """fakeredis serves each connection in its own thread but its state (and the Lua runtime) is not
+    thread-safe: run one command at a time, as a real Redis does."""
+
+    def setup(self) -> None:
+        super().setup()
+        sock = self.current_client.get_socket()
+        unlocked = sock.sendall
+
+        def sendall(data: bytes) -> None:
+            with _COMMAND_LOCK:
+                unlocked(data)
+
+        sock.sendall = sendall
 
 
 class EmbeddedRedis:
@@ -37,6 +57,7 @@ class EmbeddedRedis:
     def start(self) -> str:
         self._server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
         self._server.daemon_threads = True
+        self._server.RequestHandlerClass = _SerialHandler
         self._thread = threading.Thread(target=self._server.serve_forever, name="embedded-redis", daemon=True)
         self._thread.start()
         self.url_file.parent.mkdir(parents=True, exist_ok=True)

@@ -148,6 +148,9 @@ class Ledger:
         self.clock = clock
         self._scripts = Scripts(redis)
 
+    async def load_scripts(self) -> None:
+        await self._scripts.load()
+
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 

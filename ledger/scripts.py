@@ -36,7 +36,13 @@ def script_source(name: str) -> str:
 
 class Scripts:
     def __init__(self, redis: Redis) -> None:
+        self._redis = redis
         self._scripts = {name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES}
+
+    async def load(self) -> None:
+        """SCRIPT LOAD every script up front, so the first calls need no NOSCRIPT round trip."""
+        for script in self._scripts.values():
+            await self._redis.script_load(script.script)
 
     async def __call__(self, name: str, journal_key: str, *args: str | int) -> Any:
         return await self._scripts[name](keys=[journal_key], args=[str(a) for a in args])
