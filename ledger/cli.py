@@ -110,7 +110,9 @@ async def cmd_key_renew(ctx: Ctx, a: argparse.Namespace) -> int:
     account = await ledger.key_account(a.key_id)
     new = await ledger.rotate_key(a.key_id)
     ctx.audit(
-        "key.renew", account or "", {"old_key_id": a.key_id, "key_id": new.key_id, "prefix": new.prefix},
+        "key.renew",
+        account or "",
+        {"old_key_id": a.key_id, "key_id": new.key_id, "prefix": new.prefix},
         ledger.now_ms(),
     )
     ctx.emit({"key_id": new.key_id, "key": new.key})
@@ -144,8 +146,13 @@ async def cmd_grant(ctx: Ctx, a: argparse.Namespace) -> int:
     if a.reason:
         detail["reason"] = a.reason
     ctx.audit("grant", a.account, detail, ledger.now_ms())
-    ctx.emit({"bucket_id": credit.bucket_id, "amount_micro": credit.amount_micro,
-              "expires_at": iso_ms(credit.expires_at)})
+    ctx.emit(
+        {
+            "bucket_id": credit.bucket_id,
+            "amount_micro": credit.amount_micro,
+            "expires_at": iso_ms(credit.expires_at),
+        }
+    )
     return EXIT_OK
 
 
@@ -264,9 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    account = sub.add_parser("account", help="accounts").add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    account = sub.add_parser("account", help="accounts").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
     cmd(account, "create", cmd_account_create, "create an account").add_argument("email")
-    key = sub.add_parser("key", help="API keys").add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    key = sub.add_parser("key", help="API keys").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
     cmd(key, "create", cmd_key_create, "new API key, shown once").add_argument("account")
     cmd(key, "renew", cmd_key_renew, "rotate a key").add_argument("key_id")
     cmd(key, "revoke", cmd_key_revoke, "revoke a key").add_argument("key_id")

@@ -87,15 +87,16 @@ class JournalWorker:
             raw = await self.redis.xrange(key, start, "+", count=self.batch)
             if not raw:
                 return applied
-            events: list[Event] = [(str(i), dict(f)) for i, f in raw]
+            events: list[Event] = [(str(i), {str(k): str(v) for k, v in (f or {}).items()}) for i, f in raw]
             full = len(events) == self.batch
             if full:
                 events = _hold_back_trailing_forfeits(events)
-            n, cursor = await asyncio.to_thread(self.apply_batch, shard, events)
+            n, committed = await asyncio.to_thread(self.apply_batch, shard, events)
             applied += n
+            cursor = committed
             if self.after_commit is not None:
-                self.after_commit(shard, cursor)
-            ms, seq = stream_id(cursor)
+                self.after_commit(shard, committed)
+            ms, seq = stream_id(committed)
             # MINID drops ids strictly below it: the successor of the cursor drops the cursor too.
             # Exact trimming (not '~'), or nothing is dropped until a whole node is applied.
             await self.redis.xtrim(key, minid=f"{ms}-{seq + 1}", approximate=False)
@@ -221,7 +222,8 @@ def _apply_one(conn: sqlite3.Connection, e: dict[str, str]) -> None:
     elif t == "account_set":
         if e.get("field") == "low_threshold":
             conn.execute(
-                "UPDATE accounts SET low_threshold_micro = ? WHERE account_id = ?", (_int(e.get("value")), acct)
+                "UPDATE accounts SET low_threshold_micro = ? WHERE account_id = ?",
+                (_int(e.get("value")), acct),
             )
     elif t == "account_closed":
         # Personal data goes for good; money and metering rows stay for accounting.
@@ -246,8 +248,18 @@ def _apply_one(conn: sqlite3.Connection, e: dict[str, str]) -> None:
         conn.execute(
             "INSERT INTO buckets (bucket_id, account_id, amount_micro, remaining_micro, expires_at, expires_ms, "
             "source, reference, created_at, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (e["bucket"], acct, amount, amount, iso_ms(expires), expires, e.get("source", ""),
-             e.get("ref", ""), at, ts),
+            (
+                e["bucket"],
+                acct,
+                amount,
+                amount,
+                iso_ms(expires),
+                expires,
+                e.get("source", ""),
+                e.get("ref", ""),
+                at,
+                ts,
+            ),
         )
         _totals(conn, acct, credited=amount)
     elif t == "reserved":
@@ -322,7 +334,9 @@ def _apply_settled(conn: sqlite3.Connection, e: dict[str, str], acct: str, ts: i
     req = e["req"]
     held, charged = _int(e.get("held")), _int(e.get("charged"))
     final = decode_draws(e.get("draws", ""))
-    row = conn.execute("SELECT key_id, draws, status FROM reservations WHERE request_id = ?", (req,)).fetchone()
+    row = conn.execute(
+        "SELECT key_id, draws, status FROM reservations WHERE request_id = ?", (req,)
+    ).fetchone()
     # held 0: the reservation was released or never made, so every final draw is a fresh one.
     reserved = decode_draws(row["draws"]) if held and row is not None and row["status"] == "open" else {}
     if held and not reserved and row is None:
@@ -365,13 +379,28 @@ def _apply_settled(conn: sqlite3.Connection, e: dict[str, str], acct: str, ts: i
         "started_at, finished_at, latency_ms, shortfall_micro, estimated, cache_write_tokens, finished_ms) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
-            req, acct, key_id or None, text("model"), text("provider"), text("upstream_model"),
-            _int(m.get("input_cache_hit_tokens")), _int(m.get("input_cache_miss_tokens")),
-            _int(m.get("output_tokens")), charged, draws_json, text("status"),
-            text("started_at"), text("finished_at") or at,
+            req,
+            acct,
+            key_id or None,
+            text("model"),
+            text("provider"),
+            text("upstream_model"),
+            _int(m.get("input_cache_hit_tokens")),
+            _int(m.get("input_cache_miss_tokens")),
+            _int(m.get("output_tokens")),
+            charged,
+            draws_json,
+            text("status"),
+            text("started_at"),
+            text("finished_at") or at,
             _int(m.get("latency_ms")) if m.get("latency_ms") is not None else None,
-            _int(e.get("shortfall")), 1 if m.get("estimated") else 0, _int(m.get("cache_write_tokens")), ts,
+            _int(e.get("shortfall")),
+            1 if m.get("estimated") else 0,
+            _int(m.get("cache_write_tokens")),
+            ts,
         ),
     )
     if key_id:
-        conn.execute("UPDATE api_keys SET last_used_at = ?, last_used_ms = ? WHERE key_id = ?", (at, ts, key_id))
+        conn.execute(
+            "UPDATE api_keys SET last_used_at = ?, last_used_ms = ? WHERE key_id = ?", (at, ts, key_id)
+        )

@@ -78,7 +78,9 @@ async def rebuild(
     r, ks = ledger.redis, ledger.keys
     if await ledger_key_count(ledger):
         if not force:
-            raise RebuildRefused("the ledger's Redis keys still exist; rebuild is for a lost Redis (use --force)")
+            raise RebuildRefused(
+                "the ledger's Redis keys still exist; rebuild is for a lost Redis (use --force)"
+            )
         await drain_all(ledger, store)
         batch: list[str] = []
         async for key in r.scan_iter(match=ks.pattern(), count=1000):
@@ -130,7 +132,7 @@ async def rebuild(
             fields["sub_hash"] = hash_subject(sub) if sub else ""
             if sub:
                 pipe.set(pfx + "sub:" + hash_subject(sub), acct)
-        pipe.hset(pfx + "a:" + acct, mapping=fields)
+        pipe.hset(pfx + "a:" + acct, mapping=fields)  # type: ignore[arg-type]
         pipe.sadd(pfx + "accounts", acct)
         pending += 1
         await flush()
@@ -174,7 +176,7 @@ async def rebuild(
             pipe.hset(pfx + "a:" + acct + ":keys", key_id, k["key_hash"])
         else:
             fields["revoked_at"] = k["revoked_ms"] or now
-        pipe.hset(pfx + "k:" + key_id, mapping=fields)
+        pipe.hset(pfx + "k:" + key_id, mapping=fields)  # type: ignore[arg-type]
         pending += 1
         await flush()
 
@@ -212,7 +214,7 @@ async def rebuild(
             }
         else:
             done = {"outcome": "released"}
-        pipe.hset(pfx + "rd:" + req, mapping=done)
+        pipe.hset(pfx + "rd:" + req, mapping=done)  # type: ignore[arg-type]
         ttl_s = max(1, (int(res["finished_ms"]) + DONE_TTL_S * 1000 - now) // 1000)
         pipe.expire(pfx + "rd:" + req, ttl_s)
         pending += 1
@@ -234,7 +236,10 @@ async def rebuild(
     await flush(force_now=True)
 
     result = RebuildResult(
-        accounts=len(h["accounts"]), buckets=len(h["buckets"]), keys=len(h["keys"]), reservations=len(h["open"])
+        accounts=len(h["accounts"]),
+        buckets=len(h["buckets"]),
+        keys=len(h["keys"]),
+        reservations=len(h["open"]),
     )
     await asyncio.to_thread(
         lambda: store.audit(

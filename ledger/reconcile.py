@@ -8,6 +8,7 @@ Problems are strings of ids and numbers only.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,12 +58,14 @@ class Report:
 
 
 async def redis_snapshot(ledger: Ledger) -> dict[str, AccountSnapshot]:
+    # The ledger's client decodes responses: every reply below is str (redis-py types say bytes | str).
     r = ledger.redis
     out: dict[str, AccountSnapshot] = {}
     for shard in ledger.keys.all_shards():
         pfx = ledger.keys.shard_prefix(shard)
-        for acct in sorted(await r.smembers(pfx + "accounts")):
-            h = await r.hgetall(pfx + "a:" + acct)
+        members: set[str] = await r.smembers(pfx + "accounts")  # type: ignore[assignment]
+        for acct in sorted(members):
+            h: dict[str, str] = await r.hgetall(pfx + "a:" + acct)  # type: ignore[assignment]
             if not h:
                 out[acct] = AccountSnapshot(acct, "missing", 0, dict.fromkeys(COUNTERS, 0))
                 continue
@@ -74,11 +77,12 @@ async def redis_snapshot(ledger: Ledger) -> dict[str, AccountSnapshot]:
             )
             for b in await ledger.buckets(acct):
                 snap.buckets[b.bucket_id] = (b.amount_micro, b.remaining_micro, b.expires_at)
-            snap.live_keys = dict(await r.hgetall(pfx + "a:" + acct + ":keys"))
+            snap.live_keys = await r.hgetall(pfx + "a:" + acct + ":keys")  # type: ignore[assignment]
             out[acct] = snap
-        for req in await r.zrange(pfx + "rz", 0, -1):
-            got = await r.hmget(pfx + "r:" + req, "account", "held")
-            if got[0] in out:
+        reqs: list[str] = await r.zrange(pfx + "rz", 0, -1)  # type: ignore[assignment]
+        for req in reqs:
+            got: list[str | None] = await r.hmget(pfx + "r:" + req, "account", "held")  # type: ignore[assignment]
+            if got[0] is not None and got[0] in out:
                 out[got[0]].open_held[req] = int(got[1] or 0)
     return out
 
@@ -101,7 +105,9 @@ def sqlite_snapshot(store: Store) -> dict[str, AccountSnapshot]:
         ):
             if row["account_id"] in out:
                 out[row["account_id"]].buckets[row["bucket_id"]] = (
-                    int(row["amount_micro"]), int(row["remaining_micro"]), int(row["expires_ms"])
+                    int(row["amount_micro"]),
+                    int(row["remaining_micro"]),
+                    int(row["expires_ms"]),
                 )
         for row in conn.execute(
             "SELECT request_id, account_id, held_micro FROM reservations WHERE status = 'open'"
@@ -167,7 +173,9 @@ def check_sqlite(store: Store, *, now_ms: int) -> list[str]:
     snaps = sqlite_snapshot(store)
     for snap in snaps.values():
         problems.extend(_conservation("sqlite", snap, now_ms))
-    sums: dict[str, dict[str, int]] = {a: dict.fromkeys(("consumed", "refunded", "forfeited"), 0) for a in snaps}
+    sums: dict[str, dict[str, int]] = {
+        a: dict.fromkeys(("consumed", "refunded", "forfeited"), 0) for a in snaps
+    }
     for sql, name in (
         ("SELECT account_id, sum(charge_micro) FROM metering GROUP BY account_id", "consumed"),
         (
@@ -178,18 +186,24 @@ def check_sqlite(store: Store, *, now_ms: int) -> list[str]:
         ("SELECT account_id, sum(amount_micro) FROM forfeitures GROUP BY account_id", "forfeited"),
     ):
         for acct, total in store.query(sql):
-            sums.setdefault(acct, dict.fromkeys(("consumed", "refunded", "forfeited"), 0))[name] = int(total or 0)
+            sums.setdefault(acct, dict.fromkeys(("consumed", "refunded", "forfeited"), 0))[name] = int(
+                total or 0
+            )
     rows_label = {"consumed": "metering charges", "refunded": "refund rows", "forfeited": "forfeiture rows"}
     for acct, by_name in sorted(sums.items()):
-        snap = snaps.get(acct)
-        if snap is None:
+        found = snaps.get(acct)
+        if found is None:
             problems.append(f"sqlite {acct}: rows for an account that has no accounts row")
             continue
         for name, total in by_name.items():
-            if snap.counters[name] != total:
-                problems.append(f"sqlite {acct}: {name} {snap.counters[name]} != sum of {rows_label[name]} {total}")
+            if found.counters[name] != total:
+                problems.append(
+                    f"sqlite {acct}: {name} {found.counters[name]} != sum of {rows_label[name]} {total}"
+                )
     # A reservation's draws must add up to what it holds.
-    for req, held, draws in store.query("SELECT request_id, held_micro, draws FROM reservations WHERE status = 'open'"):
+    for req, held, draws in store.query(
+        "SELECT request_id, held_micro, draws FROM reservations WHERE status = 'open'"
+    ):
         drawn = sum(decode_draws(draws).values())
         if drawn != held:
             problems.append(f"sqlite reservation {req}: draws {drawn} != held {held}")
@@ -231,9 +245,7 @@ def _compare(redis: dict[str, AccountSnapshot], sql: dict[str, AccountSnapshot])
                 f" held redis {sum(r.open_held.values())} sqlite {sum(s.open_held.values())})"
             )
         if r.live_keys != s.live_keys:
-            problems.append(
-                f"{acct}: live keys redis {sorted(r.live_keys)} != sqlite {sorted(s.live_keys)}"
-            )
+            problems.append(f"{acct}: live keys redis {sorted(r.live_keys)} != sqlite {sorted(s.live_keys)}")
     return problems
 
 
@@ -260,7 +272,7 @@ async def reconcile(ledger: Ledger, store: Store, *, drain: bool = True, attempt
         redis_snap = await redis_snapshot(ledger)
         sql_snap = await asyncio.to_thread(sqlite_snapshot, store)
         problems = _redis_problems(redis_snap, now)
-        problems += await asyncio.to_thread(lambda: check_sqlite(store, now_ms=now))
+        problems += await asyncio.to_thread(functools.partial(check_sqlite, store, now_ms=now))
         problems += _compare(redis_snap, sql_snap)
         accounts = len(redis_snap.keys() | sql_snap.keys())
         if not problems or not drain or attempt == attempts - 1:

@@ -34,7 +34,11 @@ class Cli:
     def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "ledger", *args],
-            cwd=ROOT, env=env or self.env, capture_output=True, text=True, timeout=60,
+            cwd=ROOT,
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     def ok(self, *args: str) -> dict:
@@ -55,12 +59,14 @@ async def cli(tmp_path: Path) -> AsyncIterator[Cli]:
     prefix = f"t{uuid.uuid4().hex[:10]}"
     keyspace = Keyspace(prefix=prefix, shards=4)
     client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_PATH", "LEDGER_PREFIX")
-    }
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_PATH", "LEDGER_PREFIX")}
     env.update(
-        REDIS_URL=REDIS_URL, DATABASE_PATH=str(tmp_path / "gateway.sqlite3"), LEDGER_PREFIX=prefix,
-        LEDGER_SHARDS="4", LEDGER_ACTOR="ops-alice", PYTHONPATH=str(ROOT),
+        REDIS_URL=REDIS_URL,
+        DATABASE_PATH=str(tmp_path / "gateway.sqlite3"),
+        LEDGER_PREFIX=prefix,
+        LEDGER_SHARDS="4",
+        LEDGER_ACTOR="ops-alice",
+        PYTHONPATH=str(ROOT),
     )
     yield Cli(env=env, db=tmp_path / "gateway.sqlite3", ledger=Ledger(client, keyspace))
     keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
@@ -111,12 +117,19 @@ async def test_accounts_keys_grant_balance_and_audit(cli: Cli) -> None:
 
     rows = cli.audit()
     assert [r["action"] for r in rows] == [
-        "account.create", "key.create", "key.create", "key.renew", "key.revoke", "grant"
+        "account.create",
+        "key.create",
+        "key.create",
+        "key.renew",
+        "key.revoke",
+        "grant",
     ]
     assert all(r["actor"] == "ops-alice" and r["at"].endswith("Z") for r in rows)
     assert all("alice@example.com" not in r["detail"] for r in rows)  # no personal data
     assert json.loads(rows[-1]["detail"]) == {
-        "bucket_id": grant["bucket_id"], "amount_micro": 12_500_000, "expires_at": grant["expires_at"],
+        "bucket_id": grant["bucket_id"],
+        "amount_micro": 12_500_000,
+        "expires_at": grant["expires_at"],
         "reason": "support ticket 42",
     }
     assert rows[1]["target"] == account and json.loads(rows[1]["detail"])["key_id"] == first["key_id"]
@@ -230,7 +243,11 @@ async def test_worker_drains_until_sigterm(cli: Cli) -> None:
     cli.ok("grant", account, "3")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ledger", "worker", "--interval", "0.05"],
-        cwd=ROOT, env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         await cli.ledger.settle(account, "req_00w1", 250_000, metering=metering("req_00w1", ""))
@@ -244,6 +261,6 @@ async def test_worker_drains_until_sigterm(cli: Cli) -> None:
         assert rows == [(250_000,)]
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
+        _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert await cli.ledger.redis.xlen(cli.ledger.keys.journal(int(account[4:6], 16))) == 0

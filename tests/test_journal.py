@@ -79,9 +79,13 @@ async def run_workload(ledger: Ledger, clock) -> Workload:
     w.settled += ["req_00a1", "req_00a2", "req_00a4"]
 
     # Refunds: one paid out, one refused by the provider (credit goes back).
-    await ledger.refund(active, (await ledger.buckets(active))[-1].bucket_id, refund_id="rfd_00aa01", amount_micro=THB)
+    await ledger.refund(
+        active, (await ledger.buckets(active))[-1].bucket_id, refund_id="rfd_00aa01", amount_micro=THB
+    )
     await ledger.finish_refund(active, "rfd_00aa01", ok=True, external_ref="rfnd_test_1")
-    await ledger.refund(active, (await ledger.buckets(active))[-1].bucket_id, refund_id="rfd_00aa02", amount_micro=THB)
+    await ledger.refund(
+        active, (await ledger.buckets(active))[-1].bucket_id, refund_id="rfd_00aa02", amount_micro=THB
+    )
     await ledger.finish_refund(active, "rfd_00aa02", ok=False, external_ref="rfnd_test_2")
 
     # Give-backs into a bucket that expired while the requests ran: forfeited at once.
@@ -114,8 +118,16 @@ def store(tmp_path: Path) -> Store:
 
 
 def sqlite_counts(store: Store) -> dict[str, int]:
-    tables = ("accounts", "api_keys", "buckets", "reservations", "metering", "refunds", "forfeitures",
-              "low_balance_events")
+    tables = (
+        "accounts",
+        "api_keys",
+        "buckets",
+        "reservations",
+        "metering",
+        "refunds",
+        "forfeitures",
+        "low_balance_events",
+    )
     return {t: int(store.query(f"SELECT count(*) FROM {t}")[0][0]) for t in tables}
 
 
@@ -148,12 +160,18 @@ async def test_journal_mirrors_redis_after_mixed_workload(ledger: Ledger, clock,
     assert overrun["model"] == "demo" and overrun["output_tokens"] == 5 and overrun["latency_ms"] == 1500
     assert overrun["finished_at"] == "2026-09-21T10:00:01.500Z"
     assert store.usage_rows(w.active, limit=1, before=rows[1]["seq"])[0]["request_id"] == "req_00a1"
-    assert [r["request_id"] for r in store.iter_usage(w.active, chunk=2)] == ["req_00a1", "req_00a2", "req_00a4"]
+    assert [r["request_id"] for r in store.iter_usage(w.active, chunk=2)] == [
+        "req_00a1",
+        "req_00a2",
+        "req_00a4",
+    ]
     daily = store.daily_totals(w.active, 30, now_ms=ledger.now_ms())
     assert sum(d["requests"] for d in daily) == 3 and {d["model"] for d in daily} == {"demo"}
 
     # Closing removed personal data for good; the money rows stay.
-    closed = store.query("SELECT email, google_sub, status FROM accounts WHERE account_id = ?", (w.closed,))[0]
+    closed = store.query("SELECT email, google_sub, status FROM accounts WHERE account_id = ?", (w.closed,))[
+        0
+    ]
     assert (closed["email"], closed["google_sub"], closed["status"]) == (None, None, "closed")
     active = store.query("SELECT email, google_sub FROM accounts WHERE account_id = ?", (w.active,))[0]
     assert (active["email"], active["google_sub"]) == ("active@example.com", w.sub)
@@ -170,7 +188,9 @@ async def test_journal_mirrors_redis_after_mixed_workload(ledger: Ledger, clock,
         assert await ledger.redis.xlen(ledger.keys.journal(shard)) == 0
 
 
-async def test_crash_between_commit_and_ack_applies_each_event_once(ledger: Ledger, clock, store: Store) -> None:
+async def test_crash_between_commit_and_ack_applies_each_event_once(
+    ledger: Ledger, clock, store: Store
+) -> None:
     await run_workload(ledger, clock)
     lengths = {s: await ledger.redis.xlen(ledger.keys.journal(s)) for s in ledger.keys.all_shards()}
     total_events = sum(lengths.values())
@@ -187,7 +207,10 @@ async def test_crash_between_commit_and_ack_applies_each_event_once(ledger: Ledg
     # The batch is in SQLite but the stream still holds it: nothing was acknowledged.
     after_crash = sqlite_counts(store)
     assert sum(after_crash.values()) > 0
-    assert sum([await ledger.redis.xlen(ledger.keys.journal(s)) for s in ledger.keys.all_shards()]) == total_events
+    assert (
+        sum([await ledger.redis.xlen(ledger.keys.journal(s)) for s in ledger.keys.all_shards()])
+        == total_events
+    )
 
     # Crash again and again on every batch, then restart without the fault.
     for _ in range(3):

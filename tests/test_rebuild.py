@@ -65,7 +65,9 @@ async def test_flush_rebuild_reconcile_green_and_balances_match(ledger: Ledger, 
     await ledger.create_key(w.active)
     with pytest.raises(KeyLimit):
         await ledger.create_key(w.active)
-    done = await ledger.settle(w.active, w.open_request, 1_500_000, metering=metering(w.open_request, w.key_id))
+    done = await ledger.settle(
+        w.active, w.open_request, 1_500_000, metering=metering(w.open_request, w.key_id)
+    )
     assert done.charged_micro == 1_500_000 and not done.already
     # The sweep still finds expired credit (the other account's long bucket, a month on).
     clock.advance(31 * 24 * 3600)

@@ -32,7 +32,9 @@ async def test_green_after_workload(ledger: Ledger, clock, store: Store) -> None
     assert (await reconcile(ledger, store)).ok
 
 
-async def test_expired_credit_counts_as_forfeited_before_the_sweep(ledger: Ledger, clock, store: Store) -> None:
+async def test_expired_credit_counts_as_forfeited_before_the_sweep(
+    ledger: Ledger, clock, store: Store
+) -> None:
     acct, _ = await ledger.create_account("exp@example.com")
     await ledger.credit(acct, 2 * THB, reference="exp_1", source="grant", life_s=60)
     await ledger.reserve(acct, "req_00e1", THB)
@@ -50,7 +52,9 @@ async def test_red_when_a_bucket_remaining_is_changed_in_redis(ledger: Ledger, c
     w = await run_workload(ledger, clock)
     assert (await reconcile(ledger, store)).ok
     bucket = next(b for b in await ledger.buckets(w.active) if b.remaining_micro > 0)
-    await ledger.redis.hincrby(ledger.keys.pfx_for(bucket.bucket_id) + "b:" + bucket.bucket_id, "remaining", 7)
+    await ledger.redis.hincrby(
+        ledger.keys.pfx_for(bucket.bucket_id) + "b:" + bucket.bucket_id, "remaining", 7
+    )
     report = await reconcile(ledger, store)
     assert not report.ok
     assert any(p.startswith(f"redis {w.active}: credited") for p in report.problems)
@@ -66,9 +70,7 @@ async def test_red_when_a_metering_row_is_deleted(ledger: Ledger, clock, store: 
         conn.execute("DELETE FROM metering WHERE request_id = 'req_00a2'")
     conn.close()
     problems = check_sqlite(store, now_ms=ledger.now_ms())
-    assert problems == [
-        f"sqlite {w.active}: consumed 17000000 != sum of metering charges 3000000"
-    ]
+    assert problems == [f"sqlite {w.active}: consumed 17000000 != sum of metering charges 3000000"]
     report = await reconcile(ledger, store)
     assert not report.ok and report.problems == problems
 
