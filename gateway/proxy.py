@@ -224,6 +224,11 @@ class Proxy:
         except asyncio.CancelledError:
             ex.status = "client_disconnect"
             raise
+        except E.BadRequest:
+            # A field the upstream's format cannot carry, refused by the translator before anything
+            # was sent: a client error like any other 400, so nothing is billed or metered.
+            ex.status = "bad_request"
+            raise
         except E.GatewayError:
             if ex.status == "ok":
                 ex.status = "upstream_error"
@@ -514,6 +519,9 @@ class Proxy:
     async def _settle(self, ex: Exchange) -> None:
         model = ex.model
         try:
+            if ex.status == "bad_request":
+                await self.ledger.release(ex.account_id, ex.request_id, reason="bad_request")
+                return
             if ex.produced or ex.tracker.usage is not None:
                 result = await ex.tracker.result_async(ex.input_estimate)
                 usage, estimated = result.usage, result.estimated
