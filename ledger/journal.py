@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .keys import Keyspace
 from .ledger import Ledger
@@ -74,13 +75,14 @@ class JournalWorker:
     async def drain_once(self) -> int:
         """Apply every event now in the streams; returns how many were applied."""
         applied = 0
+        cursors = await asyncio.to_thread(self.store.cursors)
         for shard in self.keys.all_shards():
-            applied += await self._drain_shard(shard)
+            applied += await self._drain_shard(shard, cursors.get(shard))
         return applied
 
-    async def _drain_shard(self, shard: int) -> int:
+    async def _drain_shard(self, shard: int, cursor: str | None) -> int:
+        # `cursor` is only where to start reading; apply_batch re-reads it under the write lock.
         key = self.keys.journal(shard)
-        cursor = await asyncio.to_thread(self._cursor, shard)
         applied = 0
         while True:
             start = f"({cursor}" if cursor else "-"
@@ -103,10 +105,6 @@ class JournalWorker:
             if not full:
                 return applied
 
-    def _cursor(self, shard: int) -> str | None:
-        rows = self.store.query("SELECT last_id FROM journal_cursor WHERE shard = ?", (shard,))
-        return str(rows[0][0]) if rows else None
-
     def apply_batch(self, shard: int, events: Sequence[Event]) -> tuple[int, str]:
         """One transaction: apply the events after the stored cursor, advance it. Returns
         (applied, cursor). Safe to call twice with the same events: the second applies none."""
@@ -125,7 +123,7 @@ class JournalWorker:
                 if now >= next_release:
                     await self.ledger.release_stale()
                     next_release = now + RELEASE_STALE_EVERY_S
-            except (OSError, ConnectionError, sqlite3.OperationalError) as exc:
+            except (OSError, RedisError, sqlite3.OperationalError) as exc:
                 # Redis or the disk is away for a moment: keep the loop, the stream keeps the events.
                 log.warning("journal worker pass failed: %s", type(exc).__name__)
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,8 +168,10 @@ async def check_redis(ledger: Ledger, *, now_ms: int | None = None) -> list[str]
     return _redis_problems(await redis_snapshot(ledger), now)
 
 
-def check_sqlite(store: Store, *, now_ms: int) -> list[str]:
+def check_sqlite(store: Store, *, now_ms: int | None = None) -> list[str]:
     """Conservation from SQLite's totals, and the totals against the rows they summarise."""
+    if now_ms is None:
+        now_ms = int(time.time() * 1000)
     problems: list[str] = []
     snaps = sqlite_snapshot(store)
     for snap in snaps.values():
