@@ -14,14 +14,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway import tokens
+from gateway.middlewares import new_request_id
 from gateway.sse import DONE, SSEEvent, SSEParser
 from gateway.usage import Usage, charge_micro
 from ledger.journal import JournalWorker
 from ledger.keys import Keyspace
-from ledger.ledger import Ledger
+from ledger.ledger import RESERVATION_TTL_S, Ledger
 from ledger.reconcile import reconcile
 from ledger.store import Store
-from tests.fakes.upstream import FakeUpstream, Script
+from tests.fakes.upstream import FakeUpstream, FakeUsage, Script
 from tests.gateway_harness import Gateway, running_gateway
 
 PRICES = {  # micro-units per 1M tokens, as in gateway_harness.MODELS_TOML
@@ -307,3 +308,273 @@ async def test_upstream_stall_mid_stream_ends_with_an_error_event_and_upstream_t
         assert (row["request_id"], row["status"]) == (request_id, "upstream_timeout")
         assert row["output_tokens"] > 0 and row["charge_micro"] == row_charge(model, row) > 0
         await assert_books(gw, key, row["charge_micro"])
+
+
+# ----- per-key concurrency limit ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["openai", "anthropic"])
+async def test_per_key_concurrency_limit_is_429_in_the_client_format_and_frees_up(
+    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, fake: FakeUpstream, fmt: str
+) -> None:
+    async with running_gateway(redis_client, clean_keyspace, tmp_path, fake, key_concurrency_limit=2) as gw:
+        fake.script = Script(text_chunks=10, chunk_delay_s=0.05)
+        key = await gw.funded_key(100)
+        model = "gpt-test" if fmt == "openai" else "claude-test"
+
+        async def one() -> tuple[int, str, bytes]:
+            async with gw.http.post(
+                gw.url + path_for(fmt), json=body_for(fmt, model, stream=True), headers=headers_for(fmt, key)
+            ) as r:
+                return r.status, r.headers["x-request-id"], await r.read()
+
+        results = await asyncio.gather(one(), one(), one())
+        assert sorted(s for s, _, _ in results) == [200, 200, 429]
+        (_, refused_id, refused_body) = next(x for x in results if x[0] == 429)
+        err = assert_error_body(fmt, orjson.loads(refused_body))
+        assert err["type"] == "rate_limit_error" and "concurrent" in err["message"]
+        assert len(fake.requests) == 2  # the refused one never reached the upstream
+        # Once the two streams are done the key's slots are free again.
+        status, late_id, _ = await one()
+        assert status == 200
+        rows = await gw.settled(3)
+        ok_ids = {i for s, i, _ in results if s == 200} | {late_id}
+        assert {r["request_id"] for r in rows} == ok_ids and refused_id not in ok_ids
+        assert {r["status"] for r in rows} == {"ok"}
+        await assert_books(gw, key, sum(r["charge_micro"] for r in rows))
+
+
+# ----- a reservation left by a dead process -----------------------------------------------------------
+
+
+async def test_reservation_of_a_dead_gateway_is_released_by_the_worker_after_its_deadline(
+    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, fake: FakeUpstream
+) -> None:
+    async with running_gateway(redis_client, clean_keyspace, tmp_path, fake, key_concurrency_limit=1) as gw:
+        key = await gw.funded_key(100)
+        ref = await gw.ledger.lookup_key(key)
+        assert ref is not None
+        # What a gateway that crashed mid-request leaves behind: a hold nobody will settle or extend.
+        dead = new_request_id()
+        held = await gw.ledger.reserve(ref.account_id, dead, 5_000_000, key_id=ref.key_id, concurrency_limit=1)
+        assert held == 5_000_000
+        bal = await gw.ledger.balance(ref.account_id)
+        assert (bal.available_micro, bal.reserved_micro) == (FUNDS - held, held)
+        # It holds the key's only slot, so the user is refused meanwhile...
+        async with gw.http.post(gw.url + path_for("openai"), json=body_for("openai", "gpt-test", stream=False),
+                                headers=headers_for("openai", key)) as r:
+            assert r.status == 429
+        # ... and before its deadline the sweep leaves it alone (a live stream looks the same).
+        assert await gw.ledger.release_stale() == 0
+        # The worker's pass after the deadline releases it: a clock past the reservation's ttl.
+        later = Ledger(redis_client, clean_keyspace, clock=lambda: time.time() + RESERVATION_TTL_S + 1)
+        worker = JournalWorker(redis_client, clean_keyspace, gw.store, ledger=later)
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(worker.run(stop, interval_s=0.05))
+        try:
+            async with asyncio.timeout(5):
+                while (await gw.ledger.balance(ref.account_id)).reserved_micro:
+                    await asyncio.sleep(0.02)
+        finally:
+            stop.set()
+            await task
+        await assert_books(gw, key, 0)
+        rows = await asyncio.to_thread(
+            gw.store.query, "SELECT status, reason FROM reservations WHERE request_id = ?", (dead,)
+        )
+        assert [tuple(r) for r in rows] == [("released", "abandoned")]
+        # The slot is free again.
+        async with gw.http.post(gw.url + path_for("openai"), json=body_for("openai", "gpt-test", stream=False),
+                                headers=headers_for("openai", key)) as r:
+            assert r.status == 200
+        rows = await gw.settled()
+        await assert_books(gw, key, rows[0]["charge_micro"])
+
+
+# ----- graceful shutdown -------------------------------------------------------------------------------
+
+
+async def _books_after_shutdown(
+    redis_client: aioredis.Redis, keyspace: Keyspace, gw: Gateway, key: str
+) -> list[dict[str, Any]]:
+    """The gateway is gone: drain its journal into its SQLite file and check conservation there."""
+    store = Store(str(gw.settings.database_path))
+    try:
+        await JournalWorker(redis_client, keyspace, store, ledger=gw.ledger).drain_once()
+        report = await reconcile(gw.ledger, store)
+        assert report.ok, report.problems
+        bal = await gw.ledger.balance(await gw.account_of(key))
+        rows = [dict(r) for r in await asyncio.to_thread(store.query, "SELECT * FROM metering", ())]
+        assert bal.reserved_micro == 0
+        assert bal.available_micro == FUNDS - sum(r["charge_micro"] for r in rows)
+        return rows
+    finally:
+        store.close()
+
+
+async def test_shutdown_lets_an_in_flight_stream_finish_and_settles_it(
+    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, fake: FakeUpstream
+) -> None:
+    fake.script = Script(text_chunks=12, chunk_delay_s=0.08)
+    started = asyncio.Event()
+    async with aiohttp.ClientSession() as client:
+
+        async def stream(gw: Gateway, key: str) -> tuple[int, str, bytes]:
+            async with client.post(gw.url + path_for("openai"), json=body_for("openai", "gpt-test", stream=True),
+                                   headers=headers_for("openai", key)) as r:
+                first = await r.content.readany()
+                started.set()
+                return r.status, r.headers["x-request-id"], first + await r.read()
+
+        async with running_gateway(redis_client, clean_keyspace, tmp_path, fake, shutdown_grace_s=5.0) as gw:
+            key = await gw.funded_key(100)
+            task = asyncio.get_running_loop().create_task(stream(gw, key))
+            await started.wait()
+            # Leaving the block runs runner.cleanup() with the stream in flight.
+        status, request_id, raw = await task
+    assert status == 200
+    assert events_of(raw)[-1].data == DONE  # the whole answer arrived
+    rows = await _books_after_shutdown(redis_client, clean_keyspace, gw, key)
+    assert [(r["request_id"], r["status"]) for r in rows] == [(request_id, "ok")]
+    assert rows[0]["charge_micro"] > 0
+
+
+async def test_shutdown_past_the_grace_period_cuts_the_stream_and_still_settles_it(
+    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, fake: FakeUpstream
+) -> None:
+    fake.script = Script(text="word " * 100, text_chunks=50, chunk_delay_s=0.2, usage=None)
+    started = asyncio.Event()
+    async with aiohttp.ClientSession() as client:
+
+        async def stream(gw: Gateway, key: str) -> tuple[str, bytes, bool]:
+            async with client.post(gw.url + path_for("anthropic"),
+                                   json=body_for("anthropic", "claude-test", stream=True),
+                                   headers=headers_for("anthropic", key)) as r:
+                got = await r.content.readany()
+                started.set()
+                try:
+                    got += await r.read()
+                except aiohttp.ClientPayloadError:
+                    return r.headers["x-request-id"], got, False
+                return r.headers["x-request-id"], got, True
+
+        t0 = time.monotonic()
+        async with running_gateway(redis_client, clean_keyspace, tmp_path, fake, shutdown_grace_s=0.2) as gw:
+            key = await gw.funded_key(100)
+            task = asyncio.get_running_loop().create_task(stream(gw, key))
+            await started.wait()
+        # Grace (0.2 s) plus the runner's handler timeout (2 s), far less than the 10 s stream.
+        assert time.monotonic() - t0 < 5.0
+        request_id, raw, whole = await task
+    assert not any(e.event == "message_stop" for e in events_of(raw))
+    assert not whole
+    await fake.wait_disconnects(1)
+    rows = await _books_after_shutdown(redis_client, clean_keyspace, gw, key)
+    assert len(rows) == 1 and rows[0]["request_id"] == request_id
+    assert rows[0]["status"] == "client_disconnect"  # the handler was cancelled mid-stream
+    assert rows[0]["output_tokens"] > 0 and rows[0]["charge_micro"] == row_charge("claude-test", rows[0]) > 0
+
+
+# ----- request ids ---------------------------------------------------------------------------------------
+
+
+async def test_every_response_carries_the_request_id_of_its_metering_row(gw: Gateway, fake: FakeUpstream) -> None:
+    key = await gw.funded_key(100)
+    broke = await gw.funded_key(None, email="broke@example.com")
+    billed: list[str] = []  # responses that reached the upstream: each has its metering row
+    for fmt, model in ROUTES:
+        for stream in (True, False):
+            async with gw.http.post(gw.url + path_for(fmt), json=body_for(fmt, model, stream=stream),
+                                    headers=headers_for(fmt, key)) as r:
+                assert r.status == 200
+                await r.read()
+                billed.append(r.headers["x-request-id"])
+    fake.enqueue(Script(status=500), Script(die_after=3))
+    for _ in range(2):
+        async with gw.http.post(gw.url + path_for("openai"), json=body_for("openai", "gpt-test", stream=True),
+                                headers=headers_for("openai", key)) as r:
+            await r.read()
+            billed.append(r.headers["x-request-id"])
+    fake.script = Script(text_chunks=20, chunk_delay_s=0.05)
+    async with gw.http.post(gw.url + path_for("anthropic"), json=body_for("anthropic", "claude-test", stream=True),
+                            headers=headers_for("anthropic", key)) as r:
+        billed.append(r.headers["x-request-id"])
+        await read_some_then_hang_up(r, 3)
+    # Refused before any credit was held: an id still, and no row.
+    refused: list[str] = []
+    cases: list[tuple[str, str, dict[str, str], Any, int]] = [
+        ("POST", "/v1/chat/completions", headers_for("openai", key), {"model": "gpt-test"}, 400),
+        ("POST", "/v1/messages", {}, body_for("anthropic", "claude-test", stream=False), 401),
+        ("POST", "/v1/chat/completions", headers_for("openai", broke), body_for("openai", "gpt-test", stream=False), 402),
+        ("POST", "/v1/messages", headers_for("anthropic", key), body_for("anthropic", "nope", stream=False), 404),
+        ("POST", "/v1/messages/count_tokens", headers_for("anthropic", key),
+         {"model": "claude-test", "messages": [{"role": "user", "content": "hi"}]}, 200),
+        ("GET", "/v1/models", headers_for("openai", key), None, 200),
+        ("GET", "/v1/balance", headers_for("openai", key), None, 200),
+        ("GET", "/healthz", {}, None, 200),
+        ("GET", "/metrics", {}, None, 200),
+        ("GET", "/v1/nowhere", {}, None, 404),
+    ]
+    for method, path, headers, body, status in cases:
+        async with gw.http.request(method, gw.url + path, json=body, headers=headers) as r:
+            assert r.status == status, path
+            refused.append(r.headers["x-request-id"])
+    rows = await gw.settled(len(billed))
+    assert sorted(r["request_id"] for r in rows) == sorted(billed)
+    assert len(set(billed + refused)) == len(billed) + len(refused)
+    assert all(i.startswith("req_") for i in billed + refused)
+    await assert_books(gw, key, sum(r["charge_micro"] for r in rows))
+
+
+# ----- many streams against a balance that covers only some -----------------------------------------------
+
+
+async def test_concurrent_streams_never_overdraw_and_every_charge_is_accounted(
+    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, fake: FakeUpstream
+) -> None:
+    async with running_gateway(redis_client, clean_keyspace, tmp_path, fake, key_concurrency_limit=100) as gw:
+        fake.script = Script(text_chunks=8, chunk_delay_s=0.02, usage=FakeUsage(input_cache_miss=20, output=200))
+        key = await gw.funded_key(None)
+        account = await gw.account_of(key)
+        # Each request holds ~4.9k micro (its input plus 400 output tokens at 12/1M) and costs 2,460.
+        funds = 100_000
+        await gw.ledger.credit(account, funds, reference="some", source="grant")
+        n = 60
+        lowest: list[int] = []
+        done = asyncio.Event()
+
+        async def watch() -> None:
+            while not done.is_set():
+                bal = await gw.ledger.balance(account)
+                lowest.append(min(bal.available_micro, bal.reserved_micro))
+                await asyncio.sleep(0.005)
+
+        async def one(i: int) -> tuple[int, str]:
+            fmt, model = ("openai", "gpt-test") if i % 2 else ("anthropic", "gpt-test")
+            async with gw.http.post(gw.url + path_for(fmt), json=body_for(fmt, model, stream=True, max_tokens=400),
+                                    headers=headers_for(fmt, key)) as r:
+                raw = await r.read()
+                if r.status == 200:
+                    assert b"error" not in raw
+                return r.status, r.headers["x-request-id"]
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        results = await asyncio.gather(*(one(i) for i in range(n)))
+        done.set()
+        await watcher
+        statuses = [s for s, _ in results]
+        served = [i for s, i in results if s == 200]
+        assert set(statuses) == {200, 402}, statuses  # the balance covered some, not all
+        assert len(served) * 2_460 <= funds
+        assert min(lowest) >= 0
+        rows = await gw.settled(len(served))
+        assert sorted(r["request_id"] for r in rows) == sorted(served)
+        assert {r["status"] for r in rows} == {"ok"}
+        charged = sum(r["charge_micro"] for r in rows)
+        assert charged == len(served) * 2_460
+        info = await gw.ledger.account(account)
+        assert info is not None
+        assert (info.consumed, info.reserved) == (charged, 0)
+        bal = await gw.ledger.balance(account)
+        assert bal.available_micro == funds - charged >= 0
+        await gw.reconcile_ok()
