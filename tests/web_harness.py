@@ -182,3 +182,83 @@ async def running_web(
             await gw.close()
             await runner.cleanup()
             store.close()
+
+
+async def settle_request(
+    ledger: Ledger,
+    account_id: str,
+    key_id: str,
+    *,
+    model: str = "demo",
+    hit: int = 0,
+    miss: int = 100,
+    out: int = 50,
+    charge_micro: int = 1_000,
+    status: str = "ok",
+) -> str:
+    """One metered request through the ledger, shaped like gateway/proxy.py's settlement."""
+    from ledger.keys import new_request_id, shard_of
+    from ledger.money import iso_ms
+
+    started = ledger.now_ms()
+    request_id = new_request_id(shard_of(account_id), started)
+    await ledger.reserve(account_id, request_id, charge_micro, key_id=key_id)
+    metering = {
+        "request_id": request_id,
+        "key_id": key_id,
+        "model": model,
+        "provider": "demo",
+        "upstream_model": model,
+        "input_cache_hit_tokens": hit,
+        "input_cache_miss_tokens": miss,
+        "cache_write_tokens": 0,
+        "output_tokens": out,
+        "status": status,
+        "estimated": False,
+        "started_at": iso_ms(started),
+        "finished_at": iso_ms(ledger.now_ms()),
+        "latency_ms": 0,
+    }
+    await ledger.settle(account_id, request_id, charge_micro, metering=metering)
+    return request_id
+
+
+async def redis_dump(redis: Redis, prefix: str) -> list[str]:
+    """Every key name and every value under the prefix, as strings (stream entries included)."""
+    out: list[str] = []
+    async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
+        out.append(key)
+        kind = await redis.type(key)
+        if kind == "string":
+            out.append(str(await redis.get(key)))
+        elif kind == "hash":
+            for k, v in (await redis.hgetall(key)).items():
+                out += [k, v]
+        elif kind == "set":
+            out += list(await redis.smembers(key))
+        elif kind == "zset":
+            out += [m for m, _ in await redis.zrange(key, 0, -1, withscores=True)]
+        elif kind == "list":
+            out += list(await redis.lrange(key, 0, -1))
+        elif kind == "stream":
+            for entry_id, fields in await redis.xrange(key):
+                out.append(entry_id)
+                for k, v in fields.items():
+                    out += [k, v]
+    return out
+
+
+def sqlite_dump(path: Path) -> list[str]:
+    """Every value of every row of every table of the history file, as strings."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        out: list[str] = []
+        for table in tables:
+            for row in conn.execute(f'SELECT * FROM "{table}"'):
+                out += ["" if v is None else str(v) for v in row]
+        return out
+    finally:
+        conn.close()
