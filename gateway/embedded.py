@@ -88,8 +88,10 @@ async def bootstrap_demo(ledger: Ledger, store: Store) -> tuple[str, str]:
     if not await ledger.account_ids():
         has_history = await asyncio.to_thread(lambda: bool(store.query("SELECT 1 FROM accounts LIMIT 1")))
         if has_history:
-            accounts, buckets = await rebuild(ledger, store)
-            log.info("embedded ledger restored from SQLite accounts=%d buckets=%d", accounts, buckets)
+            restored = await rebuild(ledger, store)
+            log.info(
+                "embedded ledger restored from SQLite accounts=%d buckets=%d", restored.accounts, restored.buckets
+            )
     rows = await asyncio.to_thread(
         store.query, "SELECT account_id FROM accounts WHERE email = ? AND status = 'active'", (DEMO_EMAIL,)
     )

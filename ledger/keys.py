@@ -18,12 +18,12 @@ __all__ = [
     "API_KEY_PREFIX",
     "Keyspace",
     "hash_api_key",
+    "hash_subject",
     "new_account_id",
     "new_api_key",
     "new_bucket_id",
     "new_key_id",
     "new_request_id",
-    "hash_subject",
     "shard_for_subject",
     "shard_of",
 ]
