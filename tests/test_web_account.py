@@ -13,7 +13,8 @@ from ledger.money import iso_ms
 from ledger.reconcile import reconcile
 from tests.conftest import Clock
 from tests.fakes.oidc import FakeUser
-from tests.web_harness import Browser, WebGateway, redis_dump, running_web, settle_request, sqlite_dump
+from tests.web_harness import Browser, redis_dump, running_web, settle_request, sqlite_dump
+
 
 def iso_ms_of(t: float) -> str:
     return str(iso_ms(int(t * 1000)))
@@ -43,13 +44,15 @@ async def test_overview_shows_buckets_with_expiry_and_warns_within_seven_days(
         assert view["available_micro"] == 120_500_000 and view["warnings"] == []
         assert [x["amount_micro"] for x in view["buckets"]] == [100_000_000, 20_500_000]
         page = (await b.get("/")).text
-        assert "120.50 THB" in page and 'id="buckets"' in page and "role=\"alert\"" not in page
+        assert "120.50 THB" in page and 'id="buckets"' in page and 'role="alert"' not in page
         # 24 days after the first top-up, it expires within a week: a warning on the JSON and the page.
         clock.advance(86400 * 14)
         await w.sign_in(b)
         view = (await b.get("/api/account")).json()
         first = view["buckets"][0]
-        assert first["expiring_soon"] is True and view["warnings"] == [f"bucket_expiring:{first['bucket_id']}"]
+        assert first["expiring_soon"] is True and view["warnings"] == [
+            f"bucket_expiring:{first['bucket_id']}"
+        ]
         assert first["expires_at"] == iso_ms_of(clock.t - 86400 * 24 + 30 * 86400)
         page = (await b.get("/")).text
         assert 'class="warn-expiry"' in page and "100.00 THB of credit expires on" in page
@@ -93,7 +96,9 @@ async def test_low_balance_alert_shows_on_dashboard_and_v1_balance_and_is_record
         await settle_request(w.ledger, acct, key["key_id"], charge_micro=70_000_000)  # 40: crosses again
         await w.drain()
         events = await asyncio.to_thread(
-            w.store.query, "SELECT available_micro, threshold_micro FROM low_balance_events WHERE account_id = ?", (acct,)
+            w.store.query,
+            "SELECT available_micro, threshold_micro FROM low_balance_events WHERE account_id = ?",
+            (acct,),
         )
         assert [(e[0], e[1]) for e in events] == [(40_000_000, 50_000_000), (40_000_000, 50_000_000)]
         # The form sets it too (no JavaScript); 0 switches it off.
@@ -125,14 +130,19 @@ async def test_closing_removes_email_and_sub_revokes_keys_ends_session_and_recon
             assert (await b.post("/api/account/close", json={"confirm": "yes"}, headers=h)).status == 400
             r = await b.post("/api/account/close", json={"confirm": True}, headers=h)
             assert r.status == 200
-            assert r.json() == {"account_id": acct, "closed": True, "forfeited_micro": 7_000_000, "keys_revoked": 2}
+            assert r.json() == {
+                "account_id": acct,
+                "closed": True,
+                "forfeited_micro": 7_000_000,
+                "keys_revoked": 2,
+            }
         else:
             r = await b.post("/account/close", data={"csrf_token": token})
             assert r.status == 400 and (await b.get("/api/account")).status == 200
             r = await b.post("/account/close", data={"csrf_token": token, "confirm": "yes"})
             assert r.status == 200 and "Your account is closed" in r.text
         # The session ended with it: the cookie is cleared, and the copy a browser may keep is refused.
-        assert "cp_session=\"\"" in r.headers["Set-Cookie"] or "Max-Age=0" in r.headers["Set-Cookie"]
+        assert 'cp_session=""' in r.headers["Set-Cookie"] or "Max-Age=0" in r.headers["Set-Cookie"]
         assert (await b.get("/api/account")).status == 401
         for k in keys:
             got = await w.browser().get("/v1/balance", headers={"Authorization": f"Bearer {k['key']}"})
@@ -144,7 +154,9 @@ async def test_closing_removes_email_and_sub_revokes_keys_ends_session_and_recon
         sql = sqlite_dump(w.settings.database_path)
         assert not any(EMAIL in v or SUB in v for v in sql)
         # Metering and money records are kept for accounting (under the account id only).
-        rows = await asyncio.to_thread(w.store.query, "SELECT count(*) FROM metering WHERE account_id = ?", (acct,))
+        rows = await asyncio.to_thread(
+            w.store.query, "SELECT count(*) FROM metering WHERE account_id = ?", (acct,)
+        )
         assert rows[0][0] == 3
         report = await reconcile(w.ledger, w.store)
         assert report.ok, report.problems

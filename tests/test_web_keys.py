@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from ledger.keys import hash_api_key
-from ledger.keys import Keyspace
+from ledger.keys import Keyspace, hash_api_key
 from tests.fakes.oidc import FakeUser
 from tests.web_harness import WebGateway, redis_dump, running_web, sqlite_dump
 
@@ -100,7 +99,9 @@ async def test_renewed_key_stops_working_at_once_and_the_new_one_works(
         assert await v1_balance(w, old["key"]) == 401
         assert await v1_balance(w, new["key"]) == 200
         # Renewing the dead key again is "not found".
-        assert (await b.post(f"/api/keys/{old['key_id']}/renew", headers={"X-CSRF-Token": token})).status == 404
+        assert (
+            await b.post(f"/api/keys/{old['key_id']}/renew", headers={"X-CSRF-Token": token})
+        ).status == 404
         # Renew through the form shows the new key once and kills the previous one.
         page = await b.post(f"/keys/{new['key_id']}/renew", data={"csrf_token": token})
         assert page.status == 200 and "Your old key has stopped working" in page.text
@@ -119,7 +120,9 @@ async def test_renewed_key_stops_working_at_once_and_the_new_one_works(
 async def test_a_user_cannot_touch_another_accounts_key(
     redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, method: str
 ) -> None:
-    async with running_web(redis_client, clean_keyspace, tmp_path, user=FakeUser(sub="a", email="a@x.example")) as w:
+    async with running_web(
+        redis_client, clean_keyspace, tmp_path, user=FakeUser(sub="a", email="a@x.example")
+    ) as w:
         alice = w.browser()
         await w.sign_in(alice)
         alice_key = (await alice.post("/api/keys", headers={"X-CSRF-Token": await w.csrf(alice)})).json()
@@ -145,7 +148,11 @@ async def test_key_routes_need_a_session(
 ) -> None:
     async with running_web(redis_client, clean_keyspace, tmp_path) as w:
         b = w.browser()
-        for method, path in (("GET", "/api/keys"), ("POST", "/api/keys"), ("DELETE", "/api/keys/key_00abcdef")):
+        for method, path in (
+            ("GET", "/api/keys"),
+            ("POST", "/api/keys"),
+            ("DELETE", "/api/keys/key_00abcdef"),
+        ):
             r = await b.request(method, path, headers={"X-CSRF-Token": "x"})
             assert r.status == 401, path
         r = await b.get("/keys")

@@ -63,7 +63,11 @@ async def test_first_sign_in_grants_trial_credit_once(
     redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path
 ) -> None:
     async with running_web(
-        redis_client, clean_keyspace, tmp_path, trial_credit_micro=5_000_000, trial_life_s=7 * 86400,
+        redis_client,
+        clean_keyspace,
+        tmp_path,
+        trial_credit_micro=5_000_000,
+        trial_life_s=7 * 86400,
         low_balance_default_micro=10_000_000,
     ) as w:
         b = w.browser()
@@ -93,7 +97,12 @@ FAULTS = [
 
 @pytest.mark.parametrize(("fault", "reason", "status"), FAULTS, ids=[f[1] for f in FAULTS])
 async def test_refused_sign_in_shows_the_reason_and_leaves_no_session(
-    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, fault: Fault, reason: str, status: int
+    redis_client: aioredis.Redis,
+    clean_keyspace: Keyspace,
+    tmp_path: Path,
+    fault: Fault,
+    reason: str,
+    status: int,
 ) -> None:
     async with running_web(redis_client, clean_keyspace, tmp_path) as w:
         w.issuer.faults.add(fault)
@@ -229,7 +238,11 @@ async def test_csrf_is_required_for_every_state_changing_call(
         r = await b.post("/api/keys", headers={"X-CSRF-Token": token, "Origin": "https://evil.example"})
         assert r.status == 403
         # HTML forms: the same rule, answered with a page.
-        for path, form in (("/keys", {}), ("/account/close", {"confirm": "yes"}), ("/account/low-balance", {"amount": "1"})):
+        for path, form in (
+            ("/keys", {}),
+            ("/account/close", {"confirm": "yes"}),
+            ("/account/low-balance", {"amount": "1"}),
+        ):
             r = await b.post(path, data=form)
             assert r.status == 403 and "CSRF" in r.text, path
         # Nothing changed: one key, account open.
@@ -258,7 +271,9 @@ async def test_sign_in_page_says_when_google_is_not_configured(
 async def test_embedded_demo_sign_in_opens_the_demo_dashboard(tmp_path: Path) -> None:
     sock = _free_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    settings = Settings(database_path=tmp_path / "var" / "gw.sqlite3", public_base_url=url, shutdown_grace_s=1.0)
+    settings = Settings(
+        database_path=tmp_path / "var" / "gw.sqlite3", public_base_url=url, shutdown_grace_s=1.0
+    )
     assert settings.embedded and not settings.google_enabled
     app = create_app(settings)
     runner = web.AppRunner(app, shutdown_timeout=1.0)

@@ -33,7 +33,11 @@ async def test_usage_pages_newest_first_and_totals_by_day_and_model(
         ids = []
         for i in range(7):
             model = "demo" if i % 2 == 0 else "deepseek-chat"
-            ids.append(await settle_request(w.ledger, account_id, key_id, model=model, out=10 + i, charge_micro=1000 + i))
+            ids.append(
+                await settle_request(
+                    w.ledger, account_id, key_id, model=model, out=10 + i, charge_micro=1000 + i
+                )
+            )
             clock.advance(3600 * 5)  # spread over two days
         await w.drain()
 
@@ -66,7 +70,9 @@ async def test_usage_pages_newest_first_and_totals_by_day_and_model(
 async def test_usage_shows_only_the_signed_in_accounts_rows(
     redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path
 ) -> None:
-    async with running_web(redis_client, clean_keyspace, tmp_path, user=FakeUser(sub="a", email="a@x.example")) as w:
+    async with running_web(
+        redis_client, clean_keyspace, tmp_path, user=FakeUser(sub="a", email="a@x.example")
+    ) as w:
         _, alice, alice_key = await signed_in_with_credit(w)
         await settle_request(w.ledger, alice, alice_key)
         w.issuer.user = FakeUser(sub="b", email="b@x.example")
@@ -87,7 +93,9 @@ async def test_export_streams_the_whole_history_as_csv_and_json(
         # More rows than one read chunk, so the export really is read and written in pieces.
         n = 1203
         ids = [
-            await settle_request(w.ledger, account_id, key_id, hit=i % 3, miss=100 + i, out=i, charge_micro=10 + i)
+            await settle_request(
+                w.ledger, account_id, key_id, hit=i % 3, miss=100 + i, out=i, charge_micro=10 + i
+            )
             for i in range(n)
         ]
         await w.drain()

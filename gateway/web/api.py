@@ -100,7 +100,9 @@ async def delete_key(request: web.Request) -> web.Response:
 async def get_usage(request: web.Request) -> web.Response:
     account_id = await require_account(request)
     limit = _int_param(request, "limit", 50) or 50
-    return json_response(await usage_page(request, account_id, limit=limit, before=_int_param(request, "before", None)))
+    return json_response(
+        await usage_page(request, account_id, limit=limit, before=_int_param(request, "before", None))
+    )
 
 
 async def get_daily(request: web.Request) -> web.Response:

@@ -32,13 +32,13 @@ def daily_chart(totals: list[dict[str, Any]], currency: str) -> str:
         x = _GAP + i * (_BAR_W + _GAP)
         y = _HEIGHT
         for model in models:
-            t = by_day[day].get(model)
-            if t is None:
+            cell = by_day[day].get(model)
+            if cell is None:
                 continue
-            value = int(t[measure] or 0)
+            value = int(cell[measure] or 0)
             h = max(1, round(value * (_HEIGHT - 10) / peak)) if value else 0
             y -= h
-            label = f"{esc(day)} {esc(model)}: {int(t['requests'])} requests, {money(int(t['charge_micro'] or 0), currency)}"
+            label = f"{esc(day)} {esc(model)}: {int(cell['requests'])} requests, {money(int(cell['charge_micro'] or 0), currency, 6)}"
             bars.append(
                 f'<rect x="{x}" y="{y}" width="{_BAR_W}" height="{h}" fill="{colour[model]}">'
                 f"<title>{label}</title></rect>"
@@ -49,10 +49,10 @@ def daily_chart(totals: list[dict[str, Any]], currency: str) -> str:
         for m in models
     )
     rows = "".join(
-        f"<tr><td>{esc(t['day'])}</td><td>{esc(t['model'])}</td><td class=\"num\">{int(t['requests'])}</td>"
-        f"<td class=\"num\">{int(t['input_cache_hit_tokens'] or 0) + int(t['input_cache_miss_tokens'] or 0)}</td>"
-        f"<td class=\"num\">{int(t['output_tokens'] or 0)}</td>"
-        f"<td class=\"num\">{money(int(t['charge_micro'] or 0), currency)}</td></tr>"
+        f'<tr><td>{esc(t["day"])}</td><td>{esc(t["model"])}</td><td class="num">{int(t["requests"])}</td>'
+        f'<td class="num">{int(t["input_cache_hit_tokens"] or 0) + int(t["input_cache_miss_tokens"] or 0)}</td>'
+        f'<td class="num">{int(t["output_tokens"] or 0)}</td>'
+        f'<td class="num">{money(int(t["charge_micro"] or 0), currency, 6)}</td></tr>'
         for t in sorted(totals, key=lambda t: (str(t["day"]), str(t["model"])), reverse=True)
     )
     what = "charge" if measure == "charge_micro" else "requests"

@@ -43,7 +43,10 @@ def _origin_ok(request: web.Request) -> bool:
     if origin is None:
         return True  # not sent by every client (scripts, older browsers): the token decides
     origin = origin.lower()
-    allowed = {_origin_of(request.app[SETTINGS].public_base_url), f"{request.scheme}://{request.host}".lower()}
+    allowed = {
+        _origin_of(request.app[SETTINGS].public_base_url),
+        f"{request.scheme}://{request.host}".lower(),
+    }
     return origin in allowed
 
 
@@ -55,5 +58,9 @@ async def check_csrf(request: web.Request, form_token: str | None = None) -> Non
     session = await get_session(request)
     expected = session.get("csrf")
     # SECURITY: constant-time compare; a missing session token never matches anything.
-    if not isinstance(expected, str) or not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
+    if (
+        not isinstance(expected, str)
+        or not expected
+        or not hmac.compare_digest(sent.encode(), expected.encode())
+    ):
         raise E.Forbidden(f"Missing or wrong CSRF token (send the {CSRF_HEADER} header or the form field).")

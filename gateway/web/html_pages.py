@@ -27,10 +27,14 @@ _SOURCES = {"topup": "Top-up", "trial": "Trial credit", "grant": "Grant"}
 
 
 def signin_body(*, google: bool, demo: bool, csrf: str, embedded: bool) -> str:
-    parts = ['<section class="card"><h1>Sign in</h1>',
-             "<p>Prepaid credit for your AI coding tools. Sign in to see your balance, keys and usage.</p>"]
+    parts = [
+        '<section class="card"><h1>Sign in</h1>',
+        "<p>Prepaid credit for your AI coding tools. Sign in to see your balance, keys and usage.</p>",
+    ]
     if google:
-        parts.append('<p><a class="button" id="google-signin" href="/auth/google">Sign in with Google</a></p>')
+        parts.append(
+            '<p><a class="button" id="google-signin" href="/auth/google">Sign in with Google</a></p>'
+        )
     else:
         parts.append(
             '<p class="notice" id="signin-unconfigured">Sign-in is not configured on this server '
@@ -101,7 +105,7 @@ def overview_body(view: dict[str, Any], key_count: int) -> str:
         f'<p class="muted">Held by requests in progress: {money(view["reserved_micro"], cur)}</p>'
         f"{keys_hint}</section>"
         f'<section class="card"><h2>Credit</h2>{_buckets_table(view)}'
-        f"<p class=\"muted\">Each top-up is a bucket that expires {BUCKET_LIFE_DAYS} days after it was bought.</p>"
+        f'<p class="muted">Each top-up is a bucket that expires {BUCKET_LIFE_DAYS} days after it was bought.</p>'
         "</section>"
     )
 
@@ -122,7 +126,7 @@ def keys_body(view: dict[str, Any], csrf: str) -> str:
     table = (
         '<table id="keys"><caption>Your API keys</caption><thead><tr><th scope="col">Key</th>'
         '<th scope="col">Created</th><th scope="col">Last used</th><th scope="col">Actions</th></tr></thead>'
-        f'<tbody>{"".join(rows)}</tbody></table>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
         if rows
         else '<p id="no-keys">You have no API keys yet.</p>'
     )
@@ -146,11 +150,11 @@ def keys_body(view: dict[str, Any], csrf: str) -> str:
 def new_key_body(new: dict[str, Any], *, renewed: bool) -> str:
     key = esc(new["key"])
     cc, oa = new["config"]["claude_code"], new["config"]["openai"]
-    claude = f'export ANTHROPIC_BASE_URL="{esc(cc["ANTHROPIC_BASE_URL"])}"\nexport ANTHROPIC_AUTH_TOKEN="{key}"'
-    openai_env = f'export OPENAI_BASE_URL="{esc(oa["base_url"])}"\nexport OPENAI_API_KEY="{key}"'
-    python = (
-        f'from openai import OpenAI\nclient = OpenAI(base_url="{esc(oa["base_url"])}", api_key="{key}")'
+    claude = (
+        f'export ANTHROPIC_BASE_URL="{esc(cc["ANTHROPIC_BASE_URL"])}"\nexport ANTHROPIC_AUTH_TOKEN="{key}"'
     )
+    openai_env = f'export OPENAI_BASE_URL="{esc(oa["base_url"])}"\nexport OPENAI_API_KEY="{key}"'
+    python = f'from openai import OpenAI\nclient = OpenAI(base_url="{esc(oa["base_url"])}", api_key="{key}")'
     lead = "Your old key has stopped working. " if renewed else ""
     return (
         f"<h1>{'Your renewed API key' if renewed else 'Your new API key'}</h1>"
@@ -174,19 +178,19 @@ def usage_body(page: dict[str, Any], daily: dict[str, Any], *, first_page: bool)
     rows = []
     for r in page["rows"]:
         rows.append(
-            f'<tr><td>{date_of(r["finished_at"])}</td><td>{esc(r["model"])}</td><td>{esc(r["status"])}</td>'
+            f"<tr><td>{date_of(r['finished_at'])}</td><td>{esc(r['model'])}</td><td>{esc(r['status'])}</td>"
             f'<td class="num">{int(r["input_cache_hit_tokens"])}</td>'
             f'<td class="num">{int(r["input_cache_miss_tokens"])}</td>'
             f'<td class="num">{int(r["output_tokens"])}</td>'
-            f'<td class="num">{money(int(r["charge_micro"]), cur)}</td>'
-            f'<td><code>{esc(r["request_id"])}</code></td></tr>'
+            f'<td class="num">{money(int(r["charge_micro"]), cur, 6)}</td>'
+            f"<td><code>{esc(r['request_id'])}</code></td></tr>"
         )
     table = (
         '<table id="usage-rows"><caption>Requests, newest first</caption><thead><tr>'
         '<th scope="col">Finished</th><th scope="col">Model</th><th scope="col">Status</th>'
         '<th scope="col">Input (cache hit)</th><th scope="col">Input (cache miss)</th>'
         '<th scope="col">Output</th><th scope="col">Charge</th><th scope="col">Request id</th></tr></thead>'
-        f'<tbody>{"".join(rows)}</tbody></table>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
         if rows
         else '<p id="no-usage">No requests yet. Rows appear a few seconds after a request finishes.</p>'
     )
@@ -214,7 +218,7 @@ def account_body(view: dict[str, Any], csrf: str) -> str:
     return (
         "<h1>Account</h1>"
         f'<section class="card"><h2>You</h2><dl><dt>Email</dt><dd id="email">{esc(view["email"])}</dd>'
-        f'<dt>Account id</dt><dd><code>{esc(view["account_id"])}</code></dd></dl></section>'
+        f"<dt>Account id</dt><dd><code>{esc(view['account_id'])}</code></dd></dl></section>"
         '<section class="card"><h2>Low-balance alert</h2>'
         f"<p>Show a warning here and report <code>low_balance: true</code> on <code>/v1/balance</code> when "
         f"your balance drops below this amount ({current}; 0 switches it off).</p>"
@@ -226,7 +230,7 @@ def account_body(view: dict[str, Any], csrf: str) -> str:
         "<ul><li>Your API keys stop working at once and you are signed out.</li>"
         "<li>Your email and Google account identifier are erased. Transaction and metering records are kept "
         "for accounting, under the account id only.</li>"
-        f'<li><strong>Remaining credit ({money(view["available_micro"], cur)}) is forfeited.</strong> Unused '
+        f"<li><strong>Remaining credit ({money(view['available_micro'], cur)}) is forfeited.</strong> Unused "
         "top-up credit is refundable before it expires: ask for a refund <em>before</em> you close.</li>"
         "<li>Export your usage first if you want to keep it. Signing in again later makes a new, empty account.</li></ul>"
         f'<form method="post" action="/account/close">{hidden_csrf(csrf)}'
@@ -240,5 +244,5 @@ def closed_body(result: dict[str, Any]) -> str:
     return (
         '<section class="card" role="status"><h1>Your account is closed</h1>'
         f"<p>{int(result['keys_revoked'])} API key(s) revoked; you are signed out; your email and Google "
-        "identifier are erased.</p><p><a href=\"/\">Start page</a></p></section>"
+        'identifier are erased.</p><p><a href="/">Start page</a></p></section>'
     )

@@ -40,7 +40,9 @@ def _see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
 
 
-def _signed_in(*, form: bool = False) -> Callable[[PageHandler], Callable[[web.Request], Awaitable[web.Response]]]:
+def _signed_in(
+    *, form: bool = False
+) -> Callable[[PageHandler], Callable[[web.Request], Awaitable[web.Response]]]:
     """Page wrapper: redirect to sign-in when signed out, check CSRF on forms, render errors as pages."""
 
     def wrap(handler: PageHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -49,7 +51,9 @@ def _signed_in(*, form: bool = False) -> Callable[[PageHandler], Callable[[web.R
             account_id = await current_account(request)
             if account_id is None:
                 if form:
-                    return message_page("Signed out", "Your session has ended; please sign in again.", status=401)
+                    return message_page(
+                        "Signed out", "Your session has ended; please sign in again.", status=401
+                    )
                 return _see_other("/")
             try:
                 if form:
@@ -67,7 +71,12 @@ def _signed_in(*, form: bool = False) -> Callable[[PageHandler], Callable[[web.R
 
 
 def _error_page(err: E.GatewayError) -> web.Response:
-    titles = {400: "Please check the form", 403: "Request refused", 404: "Not found", 409: "Not possible right now"}
+    titles = {
+        400: "Please check the form",
+        403: "Request refused",
+        404: "Not found",
+        409: "Not possible right now",
+    }
     return message_page(titles.get(err.status, "Something went wrong"), err.message, status=err.status)
 
 
@@ -156,7 +165,9 @@ async def close_form(request: web.Request, account_id: str) -> web.Response:
 async def privacy(request: web.Request) -> web.Response:
     signed_in = await current_account(request) is not None
     csrf = await csrf_token(request) if signed_in else None
-    return html_response(layout("Privacy", H.privacy_body(), signed_in=signed_in, csrf=csrf), private=signed_in)
+    return html_response(
+        layout("Privacy", H.privacy_body(), signed_in=signed_in, csrf=csrf), private=signed_in
+    )
 
 
 def page_routes() -> list[web.RouteDef]:

@@ -34,8 +34,9 @@ def esc(value: object) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def money(micro: int, currency: str) -> str:
-    return f"{format_micro(micro)} {esc(currency)}"
+def money(micro: int, currency: str, places: int = 2) -> str:
+    """Display only. Per-request charges use 6 places: they are often a fraction of a satang."""
+    return f"{format_micro(micro, places)} {esc(currency)}"
 
 
 def date_of(iso: str | None) -> str:
@@ -62,7 +63,8 @@ def layout(
     if signed_in:
         current = ' aria-current="page"'
         links = "".join(
-            f'<li><a href="{href}"{current if href == active else ""}>{label}</a></li>' for href, label in _NAV
+            f'<li><a href="{href}"{current if href == active else ""}>{label}</a></li>'
+            for href, label in _NAV
         )
         logout = (
             f'<form method="post" action="/auth/logout" class="inline">{hidden_csrf(csrf or "")}'

@@ -174,14 +174,18 @@ async def daily_usage(request: web.Request, account_id: str, *, days: int = 30) 
 def parse_threshold(raw: object) -> int:
     """A low-balance threshold in currency units ("50", 50, "12.5"); 0 switches the alert off."""
     if isinstance(raw, bool) or not isinstance(raw, str | int):
-        raise E.BadRequest("'amount' must be a string or an integer number of currency units.", param="amount")
+        raise E.BadRequest(
+            "'amount' must be a string or an integer number of currency units.", param="amount"
+        )
     text = str(raw).strip()
     if text in ("0", "0.0", "0.00"):
         return 0
     try:
         return parse_amount(text)
     except ValueError:
-        raise E.BadRequest("'amount' must be a positive amount with at most 6 decimals, or 0.", param="amount") from None
+        raise E.BadRequest(
+            "'amount' must be a positive amount with at most 6 decimals, or 0.", param="amount"
+        ) from None
 
 
 async def set_low_balance(request: web.Request, account_id: str, micro: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from aiohttp_session import AbstractStorage, Session
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from cryptography.fernet import Fernet
@@ -54,7 +55,7 @@ def session_cookie_name(settings: Settings) -> str:
     return "__Host-cp_session" if settings.cookie_secure else "cp_session"
 
 
-def sessions_middleware(settings: Settings) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def sessions_middleware(settings: Settings) -> Middleware:
     """aiohttp-session's encrypted cookie storage behind our own small middleware: it keeps its state
     under typed request keys (aiohttp warns about string keys) and skips the streamed /v1 routes."""
     storage = EncryptedCookieStorage(

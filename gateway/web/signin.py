@@ -61,7 +61,9 @@ def _refusal(error: SignInError) -> web.Response:
 async def begin(request: web.Request) -> web.Response:
     client = request.app.get(OIDC)
     if client is None:
-        return message_page("Sign-in is not configured", "Google sign-in is not configured on this server.", status=503)
+        return message_page(
+            "Sign-in is not configured", "Google sign-in is not configured on this server.", status=503
+        )
     try:
         url, pending = await client.begin()
     except SignInError as error:
@@ -74,7 +76,9 @@ async def begin(request: web.Request) -> web.Response:
 async def callback(request: web.Request) -> web.Response:
     client = request.app.get(OIDC)
     if client is None:
-        return message_page("Sign-in is not configured", "Google sign-in is not configured on this server.", status=503)
+        return message_page(
+            "Sign-in is not configured", "Google sign-in is not configured on this server.", status=503
+        )
     session = await get_session(request)
     # Popped first: whatever happens next, this pending sign-in cannot be used again from this cookie.
     data = session.pop(_PENDING, None)
