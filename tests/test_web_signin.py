@@ -92,6 +92,8 @@ FAULTS = [
     (Fault.EXPIRED, "expired", 401),
     (Fault.WRONG_NONCE, "nonce_mismatch", 401),
     (Fault.DENY, "provider_error", 401),
+    (Fault.WRONG_ISSUER, "issuer_mismatch", 401),
+    (Fault.TOKEN_ERROR, "token_exchange_failed", 401),
 ]
 
 
@@ -302,3 +304,17 @@ def test_fernet_key_is_derived_from_any_length_secret() -> None:
     assert a.decrypt(token) == b"ids"
     with pytest.raises(InvalidToken):
         b.decrypt(token)
+
+
+async def test_coding_tool_routes_never_touch_the_session(
+    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path
+) -> None:
+    async with running_web(redis_client, clean_keyspace, tmp_path) as w:
+        b = w.browser()
+        await w.sign_in(b)
+        key = (await b.post("/api/keys", headers={"X-CSRF-Token": await w.csrf(b)})).json()["key"]
+        # A browser cookie alongside an API key: /v1 neither reads it for auth nor writes it back.
+        r = await b.get("/v1/balance", headers={"Authorization": f"Bearer {key}"})
+        assert r.status == 200 and "Set-Cookie" not in r.headers
+        r = await b.get("/v1/balance")
+        assert r.status == 401 and "Set-Cookie" not in r.headers
