@@ -1,0 +1,340 @@
+"""No content stored, enforced: a canary through every route and fault ends up in no log, Redis, SQLite, file or metric."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.appkeys import BACKGROUND, PROXY
+from ledger.keys import Keyspace
+from tests.conftest import REDIS_URL
+from tests.fakes.upstream import FakeToolCall, FakeUpstream, Script
+from tests.gateway_harness import Gateway, running_gateway
+
+ROUTES = [
+    ("openai", "gpt-test"),
+    ("openai", "deepseek-test"),
+    ("anthropic", "claude-test"),
+    ("anthropic", "gpt-test"),
+    ("openai", "claude-test"),
+]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as f:
+        yield f
+
+
+class Records(logging.Handler):
+    """Every record, at every level, kept whole (message, args, exception and stack text)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def all_logs(caplog: pytest.LogCaptureFixture) -> Iterator[Records]:
+    caplog.set_level(logging.DEBUG)
+    for name in list(logging.root.manager.loggerDict):
+        caplog.set_level(logging.DEBUG, logger=name)
+    handler = Records()
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger) and not lg.propagate
+    ]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+# ----- what goes in ------------------------------------------------------------------------------------
+
+
+def openai_body(c: str, model: str, *, stream: bool) -> dict[str, Any]:
+    return {
+        "model": model,
+        "stream": stream,
+        "max_tokens": 300,
+        "messages": [
+            {"role": "system", "content": f"You are the {c} assistant."},
+            {"role": "user", "content": f"Look up {c}."},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "lookup", "arguments": orjson.dumps({"q": c}).decode()}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": f"found {c}"},
+            {"role": "user", "content": [{"type": "text", "text": f"Again: {c}"}]},
+        ],
+        "tools": [
+            {"type": "function", "function": {
+                "name": "lookup",
+                "description": f"Looks up {c}.",
+                "parameters": {"type": "object", "properties": {"q": {"type": "string", "description": c}}},
+            }}
+        ],
+    }
+
+
+def anthropic_body(c: str, model: str, *, stream: bool) -> dict[str, Any]:
+    return {
+        "model": model,
+        "stream": stream,
+        "max_tokens": 300,
+        "system": [{"type": "text", "text": f"You are the {c} assistant."}],
+        "messages": [
+            {"role": "user", "content": f"Look up {c}."},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": f"Looking up {c}."},
+                {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": c}},
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": f"found {c}"},
+                {"type": "text", "text": f"Again: {c}"},
+            ]},
+        ],
+        "tools": [
+            {"name": "lookup", "description": f"Looks up {c}.",
+             "input_schema": {"type": "object", "properties": {"q": {"type": "string", "description": c}}}}
+        ],
+    }
+
+
+def body_for(fmt: str, c: str, model: str, *, stream: bool) -> dict[str, Any]:
+    return anthropic_body(c, model, stream=stream) if fmt == "anthropic" else openai_body(c, model, stream=stream)
+
+
+def reply(c: str) -> Script:
+    """The upstream's answer carries the canary too: reasoning, text, tool arguments, error messages."""
+    return Script(
+        text=f"The answer is {c}, as requested.",
+        reasoning=f"Thinking about {c}.",
+        tool_calls=(FakeToolCall(name="lookup", arguments=orjson.dumps({"q": c, "again": c}).decode()),),
+        flavour="deepseek",
+        error_message=f"upstream refused {c}",
+    )
+
+
+def path_for(fmt: str) -> str:
+    return "/v1/messages" if fmt == "anthropic" else "/v1/chat/completions"
+
+
+def headers_for(fmt: str, key: str) -> dict[str, str]:
+    if fmt == "anthropic":
+        return {"x-api-key": key, "anthropic-version": "2023-06-01", "Content-Type": "application/json"}
+    return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+
+class Client:
+    """Sends requests, keeps what came back, and the ids of those that must have a metering row."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.billed: list[str] = []
+        self.received = b""
+
+    async def send(
+        self, fmt: str, key: str, payload: dict[str, Any] | bytes, *, path: str | None = None, billed: bool,
+        hang_up_after: int | None = None,
+    ) -> int:
+        data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+        async with self.gw.http.post(
+            self.gw.url + (path or path_for(fmt)), data=data, headers=headers_for(fmt, key)
+        ) as r:
+            if hang_up_after is None:
+                self.received += await r.read()
+            else:
+                got = b""
+                while got.count(b"\n\n") < hang_up_after:
+                    chunk = await r.content.readany()
+                    assert chunk, "the stream ended before the client hung up"
+                    got += chunk
+                r.close()
+                self.received += got
+            if billed:
+                self.billed.append(r.headers["x-request-id"])
+            return r.status
+
+
+async def exercise(gw: Gateway, fake: FakeUpstream, c: str) -> Client:
+    """Every route, success and error paths, with the canary everywhere it can be."""
+    key = await gw.funded_key(100)
+    broke = await gw.funded_key(None, email="broke@example.com")
+    client = Client(gw)
+    fake.script = reply(c)
+    for fmt, model in ROUTES:
+        for stream in (True, False):
+            body = body_for(fmt, c, model, stream=stream)
+            assert await client.send(fmt, key, body, billed=True) == 200
+            if fmt == "openai" and stream:  # and the filtered re-framing for a client without usage
+                fake.enqueue(replace(reply(c), flavour="openai"))
+                assert await client.send(fmt, key, body, billed=True) == 200
+            # Upstream errors (the upstream's message, which quotes the canary, goes to the client only).
+            for status in (500, 400, 429):
+                fake.enqueue(replace(reply(c), status=status))
+                assert await client.send(fmt, key, body, billed=True) == status
+            if stream:
+                fake.enqueue(replace(reply(c), die_after=6))  # death mid-stream
+                assert await client.send(fmt, key, body, billed=True) == 200
+                fake.enqueue(replace(reply(c), error_after=6))  # an error event mid-stream
+                assert await client.send(fmt, key, body, billed=True) == 200
+                fake.enqueue(replace(reply(c), stall_after=6))  # idle timeout mid-stream
+                assert await client.send(fmt, key, body, billed=True) == 200
+                fake.enqueue(replace(reply(c), text_chunks=30, chunk_delay_s=0.03))  # the client hangs up
+                assert await client.send(fmt, key, body, billed=True, hang_up_after=4) == 200
+            fake.enqueue(replace(reply(c), hang=True))
+            assert await client.send(fmt, key, body, billed=True) == 504
+        # Refused before the upstream: bad requests quoting the canary, unknown model, no credit, too big.
+        bad = body_for(fmt, c, model, stream=False)
+        bad["max_tokens"] = -1
+        assert await client.send(fmt, key, bad, billed=False) == 400
+        assert await client.send(fmt, key, b'{"model": "' + c.encode() + b'", "messages": [', billed=False) == 400
+        assert await client.send(fmt, key, orjson.dumps([c]), billed=False) == 400
+        assert await client.send(fmt, key, {"model": model, "messages": [c]}, billed=False) == 400
+        assert await client.send(fmt, key, body_for(fmt, c, c, stream=True), billed=False) == 404
+        assert await client.send(fmt, broke, body_for(fmt, c, model, stream=True), billed=False) == 402
+        big = body_for(fmt, c, model, stream=True)
+        big["messages"][0]["content"] = c * 3000
+        assert await client.send(fmt, key, big, billed=False) == 413
+    count = "/v1/messages/count_tokens"
+    assert await client.send("anthropic", key, anthropic_body(c, "claude-test", stream=False), path=count,
+                             billed=False) == 200
+    assert await client.send("anthropic", key, anthropic_body(c, c, stream=False), path=count, billed=False) == 404
+    assert await client.send("anthropic", key, b'{"messages": "' + c.encode(), path=count, billed=False) == 400
+    return client
+
+
+# ----- where it must not be -----------------------------------------------------------------------------
+
+
+async def redis_dump(client: aioredis.Redis) -> list[bytes]:
+    """Every key of the database and its whole value, read by type."""
+    out: list[bytes] = []
+
+    def b(v: Any) -> bytes:
+        return v if isinstance(v, bytes) else str(v).encode()
+
+    async for key in client.scan_iter(match="*", count=1000):
+        out.append(b(key))
+        kind = await client.type(key)
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        if kind == "string":
+            out.append(b(await client.get(key)))
+        elif kind == "hash":
+            out += [b(x) for kv in (await client.hgetall(key)).items() for x in kv]
+        elif kind == "list":
+            out += [b(x) for x in await client.lrange(key, 0, -1)]
+        elif kind == "set":
+            out += [b(x) for x in await client.smembers(key)]
+        elif kind == "zset":
+            out += [b(m) for m, _ in await client.zrange(key, 0, -1, withscores=True)]
+        elif kind == "stream":
+            for eid, fields in await client.xrange(key, "-", "+"):
+                out.append(b(eid))
+                out += [b(x) for kv in fields.items() for x in kv]
+        else:
+            assert kind == "none", f"unexpected Redis type {kind}"  # deleted by another test meanwhile
+    return out
+
+
+def sqlite_dump(path: Path) -> list[str]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        out = [repr(r) for r in conn.execute("SELECT * FROM sqlite_master")]
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            out += [repr(r) for r in conn.execute(f'SELECT * FROM "{table}"')]
+        return out
+    finally:
+        conn.close()
+
+
+def record_text(record: logging.LogRecord) -> str:
+    parts = [repr(record.msg), repr(record.args), record.getMessage(), record.stack_info or ""]
+    if record.exc_info and record.exc_info[1] is not None:
+        parts.append("".join(traceback.format_exception(record.exc_info[1])))
+    if record.exc_text:
+        parts.append(record.exc_text)
+    return "\n".join(parts)
+
+
+async def settled_without_draining(gw: Gateway) -> None:
+    """Wait for every settlement to land in Redis, leaving the journal streams undrained."""
+    async with asyncio.timeout(10):
+        while gw.app[PROXY].live or gw.app[BACKGROUND]:
+            await asyncio.sleep(0.02)
+
+
+async def test_canary_is_found_in_no_log_redis_key_sqlite_row_file_or_metric(
+    redis_client: aioredis.Redis,
+    redis_kind: str,
+    clean_keyspace: Keyspace,
+    tmp_path: Path,
+    fake: FakeUpstream,
+    all_logs: Records,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    c = f"canary-{uuid.uuid4().hex}"
+    cb = c.encode()
+    raw_redis = aioredis.Redis.from_url(REDIS_URL) if redis_kind == "redis" else redis_client
+    try:
+        async with running_gateway(
+            redis_client, clean_keyspace, tmp_path, fake, upstream_idle_timeout_s=0.5, max_body_bytes=64 * 1024
+        ) as gw:
+            client = await exercise(gw, fake, c)
+            # The canary did flow: the upstream got it, the client got the upstream's copy of it back.
+            assert all(cb in r.raw for r in fake.requests)
+            assert len(fake.requests) == len(client.billed)
+            assert client.received.count(cb) > len(ROUTES)
+            await settled_without_draining(gw)
+            assert await redis_client.xlen(clean_keyspace.journal(0)) + sum(
+                [await redis_client.xlen(clean_keyspace.journal(s)) for s in range(1, clean_keyspace.shards)]
+            ) > 0
+            before_drain = await redis_dump(raw_redis)
+            assert any(clean_keyspace.prefix.encode() in k for k in before_drain)
+            assert not [v for v in before_drain if cb in v], "canary in Redis (journal not yet drained)"
+            rows = await gw.settled(len(client.billed))
+            assert sorted(r["request_id"] for r in rows) == sorted(client.billed)
+            assert {"ok", "upstream_error", "upstream_timeout", "client_disconnect"} <= {r["status"] for r in rows}
+            assert not [v for v in await redis_dump(raw_redis) if cb in v], "canary in Redis"
+            assert not [r for r in sqlite_dump(gw.settings.database_path) if c in r], "canary in SQLite"
+            async with gw.http.get(gw.url + "/metrics") as r:
+                metrics = await r.text()
+            assert "gateway_requests_total" in metrics and c not in metrics
+            await gw.reconcile_ok()
+        # After shutdown (WAL checkpointed or not): no file the gateway wrote holds it, in any page.
+        files = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert any(p.name.endswith(".sqlite3") for p in files)
+        assert not [p.name for p in files if cb in p.read_bytes()], "canary on disk"
+    finally:
+        if raw_redis is not redis_client:
+            await raw_redis.aclose()
+    # Logs: every record of every logger at DEBUG, and whatever reached stdout/stderr.
+    assert any("settled request_id=" in r.getMessage() for r in all_logs.records)
+    assert not [r.name for r in all_logs.records if c in record_text(r)], "canary in a log record"
+    assert c not in caplog.text
+    out, err = capfd.readouterr()
+    assert c not in out and c not in err
