@@ -1,0 +1,459 @@
+"""Streaming load straight to the fake upstream, through a bare aiohttp proxy, and through the gateway.
+
+    .venv/bin/python bench/proxy_bench.py            # full run (about 3 minutes)
+    .venv/bin/python bench/proxy_bench.py --quick    # smoke run (under a minute)
+
+Needs Redis on REDIS_URL (default redis://127.0.0.1:6379/0); uses a fresh key prefix and deletes it
+after. The gateway and the bare proxy run pinned to core 0, the load client and the fake upstream to
+core 1 (the other cores, if any, are left out). See bench/README.md for the aims and last figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    ROOT,
+    LoadResult,
+    cpu_seconds,
+    free_port,
+    http_request,
+    open_streams,
+    pct,
+    raise_nofile,
+    rss_bytes,
+    run_load,
+    wait_port,
+)
+
+__all__ = ["main"]
+
+PY = sys.executable
+SERVER_CORE = "0"
+LOAD_CORE = "1"
+CONCURRENCIES = (1, 32, 256)
+OPEN_STREAMS = 1000
+
+MODELS_TOML = """
+currency = "THB"
+
+[providers.bench]
+base_url = "http://127.0.0.1:{fast}/v1"
+format = "openai"
+api_key_env = "BENCH_UPSTREAM_KEY"
+
+[providers.bench-slow]
+base_url = "http://127.0.0.1:{slow}/v1"
+format = "openai"
+api_key_env = "BENCH_UPSTREAM_KEY"
+
+[models."bench"]
+provider = "bench"
+upstream_model = "bench-upstream"
+price_input_cache_hit = "1.5"
+price_input_cache_miss = "3"
+price_output = "12"
+max_output_tokens = 4096
+
+[models."bench-slow"]
+provider = "bench-slow"
+upstream_model = "bench-upstream"
+price_input_cache_hit = "1.5"
+price_input_cache_miss = "3"
+price_output = "12"
+max_output_tokens = 4096
+"""
+
+
+def _body(model: str) -> bytes:
+    return json.dumps(
+        {
+            "model": model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": 512,
+            "messages": [
+                {"role": "system", "content": "You are a terse coding assistant."},
+                {
+                    "role": "user",
+                    "content": "Write a function that adds two numbers, then explain it briefly.",
+                },
+            ],
+        }
+    ).encode()
+
+
+class Procs:
+    """Child processes started by the bench; each stopped by its own pid at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, core: str, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        out = log.open("wb")
+        p = subprocess.Popen(
+            ["taskset", "-c", core, *args], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@contextmanager
+def _self_on_load_core() -> Iterator[None]:
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(LOAD_CORE)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+async def _make_key(redis_url: str, prefix: str) -> str:
+    from redis.asyncio import Redis
+
+    from ledger.keys import Keyspace
+    from ledger.ledger import Ledger
+
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        ledger = Ledger(redis, Keyspace(prefix=prefix))
+        await ledger.load_scripts()
+        account_id, _ = await ledger.create_account("bench@example.com")
+        # 10 million THB: far more than any run holds or spends.
+        await ledger.credit(account_id, 10_000_000 * 1_000_000, reference="bench-grant", source="grant")
+        return (await ledger.create_key(account_id)).key
+    finally:
+        await redis.aclose()
+
+
+async def _drop_prefix(redis_url: str, prefix: str) -> int:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url)
+    n = 0
+    try:
+        async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
+            n += await redis.unlink(key)
+    finally:
+        await redis.aclose()
+    return n
+
+
+def _active_streams(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("gateway_active_streams "):
+                return int(line.split()[1])
+    return -1
+
+
+async def _redis_cpu(redis_url: str) -> float:
+    """Redis's own CPU seconds (INFO cpu): the ledger's share of a request, outside the gateway."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url)
+    try:
+        info = await redis.info("cpu")
+    finally:
+        await redis.aclose()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _row(
+    name: str, conc: int, res: LoadResult, server_cpu: float | None, core1_cpu: float, redis_cpu: float
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "target": name,
+        "concurrency": conc,
+        "requests": res.requests,
+        "errors": res.errors,
+        "rps": res.rps,
+        "ttfb_p50_ms": pct(res.ttfb_s, 50) * 1e3,
+        "ttfb_p99_ms": pct(res.ttfb_s, 99) * 1e3,
+        "total_p50_ms": pct(res.total_s, 50) * 1e3,
+        "total_p99_ms": pct(res.total_s, 99) * 1e3,
+        "frames": res.frames,
+        "load_core_busy": core1_cpu / res.elapsed_s if res.elapsed_s else 0.0,
+    }
+    if server_cpu is not None and res.requests:
+        row["server_core_busy"] = server_cpu / res.elapsed_s
+        row["cpu_ms_per_req"] = server_cpu / res.requests * 1e3
+        row["cpu_us_per_chunk"] = server_cpu / res.requests / max(res.frames, 1) * 1e6
+    if res.requests:
+        row["redis_ms_per_req"] = redis_cpu / res.requests * 1e3
+    return row
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    head = (
+        f"{'target':<8} {'conc':>4} {'req/s':>8} {'ttfb50':>7} {'ttfb99':>7} {'tot50':>7} {'tot99':>7} "
+        f"{'cpu ms/req':>10} {'cpu us/chunk':>12} {'srv core':>8} {'load core':>9} {'redis ms/req':>12} {'err':>4}"
+    )
+    print(head)
+    for r in rows:
+        cpu = (
+            f"{r['cpu_ms_per_req']:10.3f} {r['cpu_us_per_chunk']:12.1f} {r['server_core_busy']:8.0%}"
+            if "cpu_ms_per_req" in r
+            else f"{'-':>10} {'-':>12} {'-':>8}"
+        )
+        print(
+            f"{r['target']:<8} {r['concurrency']:>4} {r['rps']:8.0f} {r['ttfb_p50_ms']:7.2f} {r['ttfb_p99_ms']:7.2f} "
+            f"{r['total_p50_ms']:7.2f} {r['total_p99_ms']:7.2f} {cpu} {r['load_core_busy']:9.0%} "
+            f"{r.get('redis_ms_per_req', 0):12.3f} {r['errors']:>4}"
+        )
+
+
+async def _phase(
+    name: str,
+    port: int,
+    request: bytes,
+    conc: int,
+    server_pid: int | None,
+    load_pids: list[int],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    # Warm the connections, the server's pools and its allocator before measuring.
+    await run_load(port, request, conc, duration_s=args.warmup, max_requests=conc * 20)
+    r0 = await _redis_cpu(args.redis_url)
+    s0 = cpu_seconds(server_pid) if server_pid else 0.0
+    l0 = sum(cpu_seconds(p) for p in load_pids)
+    res = await run_load(port, request, conc, duration_s=args.duration, max_requests=args.max_requests)
+    s1 = cpu_seconds(server_pid) if server_pid else 0.0
+    l1 = sum(cpu_seconds(p) for p in load_pids)
+    r1 = await _redis_cpu(args.redis_url)
+    return _row(name, conc, res, (s1 - s0) if server_pid else None, l1 - l0, r1 - r0)
+
+
+async def _run(args: argparse.Namespace, tmp: Path, procs: Procs) -> dict[str, Any]:
+    redis_url = args.redis_url
+    prefix = f"bench{secrets.token_hex(4)}"
+    fast_port, slow_port, bare_port, gw_port = (free_port() for _ in range(4))
+    base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
+    base_env["PYTHONPATH"] = str(ROOT)
+    fast = procs.start(
+        LOAD_CORE, [PY, "bench/_common.py", "fake", str(fast_port), "0"], base_env, tmp / "fake.log"
+    )
+    procs.start(
+        LOAD_CORE,
+        [PY, "bench/_common.py", "fake", str(slow_port), str(args.slow_delay)],
+        base_env,
+        tmp / "slow.log",
+    )
+    bare = procs.start(
+        SERVER_CORE,
+        [PY, "bench/bare_proxy.py", str(bare_port), f"http://127.0.0.1:{fast_port}"],
+        base_env,
+        tmp / "bare.log",
+    )
+    models = tmp / "models.toml"
+    models.write_text(MODELS_TOML.format(fast=fast_port, slow=slow_port))
+    gw_env = {
+        **base_env,
+        "PORT": str(gw_port),
+        "REDIS_URL": redis_url,
+        "SESSION_SECRET": secrets.token_hex(32),
+        "MODELS_FILE": str(models),
+        "LEDGER_PREFIX": prefix,
+        "DATABASE_PATH": str(tmp / "gateway.sqlite3"),
+        "KEY_CONCURRENCY_LIMIT": "100000",
+        "BENCH_UPSTREAM_KEY": "sk-bench",
+        "LOG_LEVEL": args.log_level,
+        "SHUTDOWN_GRACE_S": "5",
+    }
+    key = await _make_key(redis_url, prefix)
+    gw = procs.start(SERVER_CORE, [PY, "-m", "gateway", "serve"], gw_env, tmp / "gateway.log")
+    for port in (fast_port, slow_port, bare_port, gw_port):
+        wait_port(port)
+    time.sleep(0.5)
+    out: dict[str, Any] = {"rows": [], "prefix": prefix}
+    rss_start = rss_bytes(gw.pid)
+    try:
+        direct_req = http_request(
+            fast_port, "/v1/chat/completions", _body("bench-upstream"), {"Content-Type": "application/json"}
+        )
+        bare_req = http_request(
+            bare_port, "/v1/chat/completions", _body("bench-upstream"), {"Content-Type": "application/json"}
+        )
+        gw_req = http_request(
+            gw_port,
+            "/v1/chat/completions",
+            _body("bench"),
+            {"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        )
+        me = os.getpid()
+        targets = [
+            ("direct", fast_port, direct_req, None, [me, fast.pid]),
+            ("bare", bare_port, bare_req, bare.pid, [me, fast.pid]),
+            ("gateway", gw_port, gw_req, gw.pid, [me, fast.pid]),
+        ]
+        for conc in args.concurrency:
+            for name, port, req, spid, lpids in targets:
+                if args.only and name not in args.only:
+                    continue
+                profiler = None
+                if args.profile and name == "gateway" and conc == max(args.concurrency):
+                    profiler = subprocess.Popen(
+                        [
+                            "taskset",
+                            "-c",
+                            LOAD_CORE,
+                            str(Path(PY).parent / "py-spy"),
+                            "record",
+                            "-p",
+                            str(spid),
+                            "-o",
+                            args.profile,
+                            "-f",
+                            "raw",
+                            "-r",
+                            "200",
+                            "-d",
+                            str(int(args.duration + args.warmup + 1)),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                row = await _phase(name, port, req, conc, spid, lpids, args)
+                if profiler is not None:
+                    profiler.wait()
+                out["rows"].append(row)
+                print(f"  {name} c={conc}: {row['rps']:.0f} req/s", file=sys.stderr, flush=True)
+        if not args.only or "gateway" in args.only:
+            time.sleep(0.5)
+            rss_idle = rss_bytes(gw.pid)
+            slow_req = http_request(
+                gw_port,
+                "/v1/chat/completions",
+                _body("bench-slow"),
+                {"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+            )
+            conns = await open_streams(gw_port, slow_req, args.streams, timeout_s=30)
+            active = _active_streams(gw_port)
+            rss_open = rss_bytes(gw.pid)
+            for c in conns:
+                if c.transport is not None:
+                    c.transport.abort()
+            deadline = time.monotonic() + 30
+            while _active_streams(gw_port) > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            out["rss"] = {
+                "start_mib": rss_start / 2**20,
+                "idle_mib": rss_idle / 2**20,
+                "open_mib": rss_open / 2**20,
+                "streams": args.streams,
+                "active_seen": active,
+                "per_stream_kib": (rss_open - rss_idle) / args.streams / 1024,
+            }
+    finally:
+        out["dropped_keys"] = await _drop_prefix(redis_url, prefix)
+    return out
+
+
+def _summary(out: dict[str, Any]) -> None:
+    rows = {(r["target"], r["concurrency"]): r for r in out["rows"]}
+    print()
+    _print_rows(out["rows"])
+    if "rss" in out:
+        m = out["rss"]
+        print(
+            f"\ngateway RSS: {m['start_mib']:.1f} MiB at start, {m['idle_mib']:.1f} MiB idle after load, "
+            f"{m['open_mib']:.1f} MiB with {m['streams']} open streams (gauge {m['active_seen']}): "
+            f"{m['per_stream_kib']:.1f} KiB per open stream"
+        )
+    print("\naims (gateway on one core):")
+    gw = [r for r in out["rows"] if r["target"] == "gateway"]
+    if gw:
+        best = max(gw, key=lambda r: r["rps"])
+        print(f"  >= 1000 streaming req/s          : {best['rps']:.0f} (c={best['concurrency']})")
+        # Peak capacity of the core the gateway runs on: what it does at 100% busy.
+        cap = 1000 / best["cpu_ms_per_req"] if best.get("cpu_ms_per_req") else float("nan")
+        print(f"     one-core capacity from CPU/req: {cap:.0f} req/s")
+        cpu = (
+            max(r.get("cpu_ms_per_req", 0) for r in gw if r["concurrency"] > 1)
+            if len(gw) > 1
+            else gw[0].get("cpu_ms_per_req", 0)
+        )
+        print(f"  CPU <= 1 ms per request          : {cpu:.3f} ms (worst of c>1)")
+    if ("gateway", 1) in rows and ("direct", 1) in rows:
+        added = rows[("gateway", 1)]["ttfb_p50_ms"] - rows[("direct", 1)]["ttfb_p50_ms"]
+        print(f"  added TTFB p50 <= 1 ms at c=1    : {added:.2f} ms")
+    for conc in CONCURRENCIES:
+        g, b = rows.get(("gateway", conc)), rows.get(("bare", conc))
+        if g and b and g.get("cpu_ms_per_req") and b.get("cpu_ms_per_req"):
+            print(
+                f"  within 1.5x of bare, c={conc:<4}    : CPU/req {g['cpu_ms_per_req'] / b['cpu_ms_per_req']:.2f}x, "
+                f"req/s {b['rps'] / g['rps']:.2f}x"
+            )
+    if "rss" in out:
+        print(f"  <= 50 KB per open stream         : {out['rss']['per_stream_kib'] * 1.024:.1f} KB")
+    print(f"\n(ledger keys dropped after the run: {out['dropped_keys']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/proxy_bench.py", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="short phases and 1,000 streams: under a minute")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per phase")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per phase")
+    p.add_argument("--max-requests", type=int, default=100_000, help="request cap per phase")
+    p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
+    p.add_argument("--only", nargs="+", choices=["direct", "bare", "gateway"], help="run only these targets")
+    p.add_argument("--streams", type=int, default=OPEN_STREAMS, help="open streams for the RSS reading")
+    p.add_argument("--slow-delay", type=float, default=1.0, help="seconds between frames of the open streams")
+    p.add_argument(
+        "--log-level", default="INFO", help="the gateway's LOG_LEVEL (INFO logs one line per request)"
+    )
+    p.add_argument(
+        "--profile", metavar="PATH", help="py-spy record (raw) the gateway at the highest concurrency"
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup = 2.0, 0.5
+    if len(os.sched_getaffinity(0)) < 2:
+        print("needs two cores (one for the server, one for the load)", file=sys.stderr)
+        return 2
+    raise_nofile()
+    procs = Procs()
+    with tempfile.TemporaryDirectory(prefix="proxy-bench-") as d, _self_on_load_core():
+        try:
+            out = asyncio.run(_run(args, Path(d), procs))
+        finally:
+            procs.stop_all()
+            if os.environ.get("BENCH_KEEP_LOGS"):
+                for log in Path(d).glob("*.log"):
+                    lines = [x for x in log.read_text().splitlines() if " INFO " not in x]
+                    print(f"--- {log.name}\n" + "\n".join(lines[-40:]), file=sys.stderr)
+    _summary(out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
