@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from ledger.keys import Keyspace
 from ledger.journal import JournalWorker
@@ -33,6 +33,8 @@ __all__ = ["create_app"]
 log = logging.getLogger("gateway.app")
 
 HEARTBEAT_S = 60.0
+REDIS_POOL_SIZE = 64
+REDIS_POOL_WAIT_S = 10.0
 
 
 def create_app(
@@ -57,7 +59,16 @@ def create_app(
         if redis is not None:
             client = redis
         elif settings.redis_url:
-            client = Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+            # Blocking pool: past its size a command waits for a free connection. redis-py's default
+            # pool raises MaxConnectionsError at 100 in use, i.e. 500s beyond ~100 concurrent requests.
+            pool = BlockingConnectionPool.from_url(
+                settings.redis_url,
+                decode_responses=True,
+                health_check_interval=30,
+                max_connections=REDIS_POOL_SIZE,
+                timeout=REDIS_POOL_WAIT_S,
+            )
+            client = Redis.from_pool(pool)
         else:
             from .embedded import EmbeddedRedis
 
