@@ -433,7 +433,9 @@ class Ledger:
         n = 0
         for shard in self.keys.all_shards():
             for account, req in await self.stale_reservations(shard):
-                if await self.release(account, req, reason="abandoned"):
+                # Count by outcome, not by amount: a partial reservation may hold 0.
+                res = await self._run("release", account, req, account, self.now_ms(), "abandoned")
+                if res[0] == "ok":
                     n += 1
         return n
 
