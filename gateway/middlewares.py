@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ledger import errors as LE
 
@@ -114,6 +116,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = render_error(client_format(request.path), err, request_id)
     except LE.LedgerError as err:
         response = render_error(client_format(request.path), ledger_to_gateway(err), request_id)
+    except (RedisConnectionError, RedisTimeoutError):
+        log.warning("ledger unavailable request_id=%s", request_id)
+        response = render_error(
+            client_format(request.path),
+            E.ServiceUnavailable("The ledger is briefly unavailable; nothing was charged. Retry shortly."),
+            request_id,
+        )
     except Exception as exc:
         # SECURITY: an exception's message may quote request data; log its type and where it was
         # raised, never its message or locals.

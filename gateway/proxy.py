@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +19,11 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ledger import errors as LE
-from ledger.ledger import Ledger
+from ledger.ledger import Ledger, Settlement
 from ledger.money import iso_ms
 
 from . import errors as E
@@ -47,6 +50,9 @@ from .usage import UsageTracker, charge_micro
 __all__ = ["Proxy"]
 
 log = logging.getLogger("gateway.proxy")
+
+# About 40 s of retries in all: well inside a reservation's 300 s deadline.
+SETTLE_ATTEMPTS = 12
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -550,7 +556,7 @@ class Proxy:
                 "finished_at": iso_ms(finished),
                 "latency_ms": finished - ex.started_ms,
             }
-            settlement = await self.ledger.settle(ex.account_id, ex.request_id, charge, metering=metering)
+            settlement = await self._settle_with_retry(ex, charge, metering)
             self.metrics.usage(model.name, hit, miss + write, out, settlement.charged_micro)
             log.info(
                 "settled request_id=%s model=%s status=%s in=%d/%d out=%d charge_micro=%d shortfall_micro=%d",
@@ -559,3 +565,18 @@ class Proxy:
         except Exception as exc:
             # The reservation stays; the worker releases it after its deadline. Ids only in the log.
             log.error("settle failed request_id=%s error=%s", ex.request_id, type(exc).__name__)
+
+    async def _settle_with_retry(self, ex: Exchange, charge: int, metering: dict[str, Any]) -> Settlement:
+        """Settle is idempotent on the request id, so a Redis blip is retried (capped backoff, jitter)
+        well inside the reservation's deadline instead of leaving the answer unbilled."""
+        delay = 0.05
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                return await self.ledger.settle(ex.account_id, ex.request_id, charge, metering=metering)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                if attempt == SETTLE_ATTEMPTS - 1:
+                    raise
+                log.warning("settle retry request_id=%s attempt=%d", ex.request_id, attempt + 1)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
