@@ -223,6 +223,11 @@ def _apply_one(conn: sqlite3.Connection, e: dict[str, str]) -> None:
                 "UPDATE accounts SET low_threshold_micro = ? WHERE account_id = ?",
                 (_int(e.get("value")), acct),
             )
+        elif e.get("field") == "email":
+            conn.execute(
+                "UPDATE accounts SET email = ? WHERE account_id = ? AND status = 'active'",
+                (e.get("value"), acct),
+            )
     elif t == "account_closed":
         # Personal data goes for good; money and metering rows stay for accounting.
         conn.execute(
@@ -319,6 +324,38 @@ def _apply_one(conn: sqlite3.Connection, e: dict[str, str]) -> None:
             (acct, e["bucket"], amount, at, ts),
         )
         _totals(conn, acct, forfeited=amount)
+    elif t == "topup_created":
+        conn.execute(
+            "INSERT OR IGNORE INTO topups (topup_id, account_id, amount_micro, amount_minor, currency, method, "
+            "status, created_at, created_ms, updated_at, updated_ms) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+            (
+                e["topup"],
+                acct,
+                _int(e.get("amount")),
+                _int(e.get("minor")),
+                e.get("currency", ""),
+                e.get("method", ""),
+                at,
+                ts,
+                at,
+                ts,
+            ),
+        )
+    elif t == "topup_updated":
+        conn.execute(
+            "UPDATE topups SET status = ?, charge_id = ?, failure_code = ?, failure_message = ?, bucket_id = ?, "
+            "updated_at = ?, updated_ms = ? WHERE topup_id = ?",
+            (
+                e.get("status", "pending"),
+                e.get("charge") or None,
+                e.get("failure_code") or None,
+                e.get("failure_message") or None,
+                e.get("bucket") or None,
+                at,
+                ts,
+                e["topup"],
+            ),
+        )
     elif t == "low_balance":
         conn.execute(
             "INSERT INTO low_balance_events (account_id, available_micro, threshold_micro, at) VALUES (?, ?, ?, ?)",

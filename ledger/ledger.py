@@ -42,6 +42,7 @@ __all__ = [
     "Ledger",
     "NewKey",
     "Settlement",
+    "Topup",
 ]
 
 DEFAULT_BUCKET_LIFE_S = 30 * 24 * 3600
@@ -120,6 +121,28 @@ class Settlement:
     shortfall_micro: int
     draws: list[tuple[str, int]] = field(default_factory=list)
     already: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Topup:
+    """A top-up: an Omise charge on its way to a bucket. Ids, amounts, status and Omise's reason only."""
+
+    topup_id: str
+    account_id: str
+    amount_micro: int
+    amount_minor: int  # what Omise charges, in the currency's smallest unit (satang)
+    currency: str  # lower-case ISO 4217
+    method: str  # "card" or "promptpay"
+    status: str  # pending | successful | failed | expired
+    charge_id: str  # "" until Omise answered
+    failure_code: str
+    failure_message: str
+    bucket_id: str  # "" until credited
+    created_at: int
+    updated_at: int
+
+
+TOPUP_STATUSES = ("pending", "successful", "failed", "expired")
 
 
 def _decode_draws(enc: str) -> list[tuple[str, int]]:
@@ -214,6 +237,11 @@ class Ledger:
     async def set_low_threshold(self, account_id: str, micro: int) -> None:
         _check_amount(micro, "threshold")
         res = await self._run("account_set", account_id, account_id, self.now_ms(), "low_threshold", micro)
+        if res[0] != "ok":
+            raise UnknownAccount("no such active account")
+
+    async def set_email(self, account_id: str, email: str) -> None:
+        res = await self._run("account_set", account_id, account_id, self.now_ms(), "email", email)
         if res[0] != "ok":
             raise UnknownAccount("no such active account")
 
@@ -450,6 +478,77 @@ class Ledger:
         if n:
             await pipe.execute()
 
+    # ----- top-ups --------------------------------------------------------------------------
+    async def create_topup(
+        self, account_id: str, amount_micro: int, *, amount_minor: int, currency: str, method: str
+    ) -> Topup:
+        """A pending top-up in the account's shard (its id carries the shard), before Omise is asked."""
+        _check_amount(amount_micro)
+        if amount_micro <= 0 or amount_minor <= 0:
+            raise ValueError("a top-up must be positive")
+        now = self.now_ms()
+        topup_id = f"top_{K.shard_of(account_id):02x}{now:013d}{secrets.token_hex(5)}"
+        res = await self._run(
+            "topup", account_id, "create", topup_id, now, account_id, amount_micro, amount_minor,
+            currency.lower(), method,
+        )
+        if res[0] == "no_account":
+            raise UnknownAccount("no such account")
+        if res[0] == "closed":
+            raise AccountClosed("the account is closed")
+        topup = await self.topup(topup_id)
+        assert topup is not None, "a created top-up is readable"
+        return topup
+
+    async def update_topup(
+        self,
+        topup_id: str,
+        status: str,
+        *,
+        charge_id: str = "",
+        failure_code: str = "",
+        failure_message: str = "",
+        bucket_id: str = "",
+    ) -> tuple[str, str]:
+        """Move a top-up forward (see lua/topup.lua). Returns (outcome, status or stored charge id):
+        outcome 'ok' (changed), 'same', 'unknown' or 'mismatch' (tied to another charge)."""
+        if status not in TOPUP_STATUSES:
+            raise ValueError("unknown top-up status")
+        res = await self._run(
+            "topup", topup_id, "update", topup_id, self.now_ms(), status, charge_id, failure_code[:64],
+            failure_message[:255], bucket_id,
+        )
+        return str(res[0]), str(res[1]) if len(res) > 1 else ""
+
+    async def topup(self, topup_id: str) -> Topup | None:
+        try:
+            pfx = self.keys.pfx_for(topup_id)
+        except ValueError:
+            return None
+        if not topup_id.startswith("top_"):
+            return None
+        h = await self.redis.hgetall(pfx + "t:" + topup_id)
+        return _topup(topup_id, h) if h else None
+
+    async def topups(self, account_id: str, *, limit: int = 50) -> list[Topup]:
+        """The account's top-ups, newest first."""
+        pfx = self.keys.pfx_for(account_id)
+        ids = await self.redis.zrevrange(pfx + "a:" + account_id + ":tops", 0, max(0, limit - 1))
+        return [t for t in [await self.topup(tid) for tid in ids] if t is not None]
+
+    async def pending_topups(self, *, older_than_ms: int = 0, limit: int = 500) -> list[Topup]:
+        """Pending top-ups created at least `older_than_ms` ago, oldest first, every shard."""
+        cutoff = self.now_ms() - older_than_ms
+        out: list[Topup] = []
+        for shard in self.keys.all_shards():
+            pfx = self.keys.shard_prefix(shard)
+            ids = await self.redis.zrangebyscore(pfx + "tp", "-inf", cutoff, start=0, num=limit)
+            for tid in ids:
+                t = await self.topup(tid)
+                if t is not None:
+                    out.append(t)
+        return sorted(out, key=lambda t: t.created_at)[:limit]
+
     # ----- reads ----------------------------------------------------------------------------
     async def bucket(self, bucket_id: str) -> BucketInfo | None:
         try:
@@ -492,6 +591,24 @@ class Ledger:
             low_balance=threshold > 0 and available < threshold,
             low_threshold_micro=threshold,
         )
+
+
+def _topup(topup_id: str, h: dict[str, str]) -> Topup:
+    return Topup(
+        topup_id=topup_id,
+        account_id=h["account"],
+        amount_micro=int(h["amount"]),
+        amount_minor=int(h["minor"]),
+        currency=h["currency"],
+        method=h["method"],
+        status=h["status"],
+        charge_id=h.get("charge", ""),
+        failure_code=h.get("failure_code", ""),
+        failure_message=h.get("failure_message", ""),
+        bucket_id=h.get("bucket", ""),
+        created_at=int(h["created_at"]),
+        updated_at=int(h["updated_at"]),
+    )
 
 
 def _bucket(bucket_id: str, h: dict[str, str]) -> BucketInfo:

@@ -55,8 +55,11 @@ async def test_good_sign_in_makes_one_account_by_sub_and_keeps_only_ids_in_the_c
         w.issuer.user = FakeUser(sub="g-123", email="ann.new@example.com")
         b2 = w.browser()
         await w.sign_in(b2)
-        assert (await b2.get("/api/account")).json()["account_id"] == account["account_id"]
+        again = (await b2.get("/api/account")).json()
+        assert again["account_id"] == account["account_id"]
         assert await w.ledger.find_account_by_sub("g-123") == account["account_id"]
+        # ... and the account now shows the new address, in Redis and (after the journal) SQLite.
+        assert again["email"] == "ann.new@example.com"
 
 
 async def test_first_sign_in_grants_trial_credit_once(

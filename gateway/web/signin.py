@@ -104,7 +104,11 @@ async def _account_for(request: web.Request, email: str, sub: str) -> str:
     account_id, created = await ledger.create_account(
         email, sub=sub, low_threshold_micro=settings.low_balance_default_micro
     )
-    if created and settings.trial_credit_micro > 0:
+    if not created:
+        info = await ledger.account(account_id)
+        if info is not None and info.status == "active" and info.email != email:
+            await ledger.set_email(account_id, email)  # the address changed at Google; same account
+    elif settings.trial_credit_micro > 0:
         # Idempotent on the reference: one trial per account, however often this runs.
         await ledger.credit(
             account_id,
