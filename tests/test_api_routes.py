@@ -90,8 +90,12 @@ async def test_balance_shape_lists_buckets_in_micro_units(gw: Gateway) -> None:
     key = await gw.funded_key(None)
     account = await gw.account_of(key)
     now = gw.ledger.now_ms()
-    soon = await gw.ledger.credit(account, 5_000_000, reference="a", source="topup", expires_at_ms=now + 86_400_000)
-    await gw.ledger.credit(account, 1_500_000, reference="b", source="grant", expires_at_ms=now + 30 * 86_400_000)
+    soon = await gw.ledger.credit(
+        account, 5_000_000, reference="a", source="topup", expires_at_ms=now + 86_400_000
+    )
+    await gw.ledger.credit(
+        account, 1_500_000, reference="b", source="grant", expires_at_ms=now + 30 * 86_400_000
+    )
     for h in ({"Authorization": f"Bearer {key}"}, {"x-api-key": key}):
         async with gw.http.get(gw.url + "/v1/balance", headers=h) as r:
             assert r.status == 200
@@ -117,13 +121,21 @@ async def test_balance_needs_a_key(gw: Gateway) -> None:
 
 
 @pytest.mark.parametrize("model", MODELS)
-async def test_count_tokens_answers_for_every_model_locally(gw: Gateway, fake: FakeUpstream, model: str) -> None:
+async def test_count_tokens_answers_for_every_model_locally(
+    gw: Gateway, fake: FakeUpstream, model: str
+) -> None:
     key = await gw.funded_key(1)
     short: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Hello there"}]}
     longer = {
         **short,
         "system": "You are a careful coding assistant.",
-        "tools": [{"name": "bash", "description": "Run a command", "input_schema": {"type": "object", "properties": {"cmd": {"type": "string"}}}}],
+        "tools": [
+            {
+                "name": "bash",
+                "description": "Run a command",
+                "input_schema": {"type": "object", "properties": {"cmd": {"type": "string"}}},
+            }
+        ],
     }
     async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as client:
         a = await client.messages.count_tokens(**short)
@@ -213,9 +225,13 @@ async def test_readyz_is_503_while_redis_is_unreachable(tmp_path: Path, fake: Fa
     target = urlsplit(REDIS_URL)
     tap = RedisTap(target.hostname or "127.0.0.1", target.port or 6379)
     await tap.start()
-    client = aioredis.Redis(host="127.0.0.1", port=tap.port, socket_connect_timeout=0.5, decode_responses=True)
+    client = aioredis.Redis(
+        host="127.0.0.1", port=tap.port, socket_connect_timeout=0.5, decode_responses=True
+    )
     try:
-        async with running_gateway(client, Keyspace(prefix=f"tready{tap.port}", shards=4), tmp_path, fake) as gw:
+        async with running_gateway(
+            client, Keyspace(prefix=f"tready{tap.port}", shards=4), tmp_path, fake
+        ) as gw:
             async with gw.http.get(gw.url + "/readyz") as r:
                 assert r.status == 200
             await tap.cut()
@@ -235,12 +251,16 @@ async def test_readyz_is_503_while_redis_is_unreachable(tmp_path: Path, fake: Fa
 # ---- /metrics ------------------------------------------------------------------------------------
 
 
-async def test_metrics_count_requests_and_tokens_by_model_without_account_ids(gw: Gateway, fake: FakeUpstream) -> None:
+async def test_metrics_count_requests_and_tokens_by_model_without_account_ids(
+    gw: Gateway, fake: FakeUpstream
+) -> None:
     key = await gw.funded_key(10)
     account = await gw.account_of(key)
     body = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
     for _ in range(2):
-        async with gw.http.post(gw.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+        async with gw.http.post(
+            gw.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as r:
             assert r.status == 200
             request_id = r.headers["x-request-id"]
     async with gw.http.post(gw.url + "/v1/chat/completions", json=body) as r:
@@ -274,7 +294,9 @@ async def test_query_strings_are_ignored_for_routing(gw: Gateway, fake: FakeUpst
         assert (await r.json())["model"] == "claude-test"
     chat = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
     async with gw.http.post(
-        gw.url + "/v1/chat/completions?api-version=2024-01-01", json=chat, headers={"Authorization": f"Bearer {key}"}
+        gw.url + "/v1/chat/completions?api-version=2024-01-01",
+        json=chat,
+        headers={"Authorization": f"Bearer {key}"},
     ) as r:
         assert r.status == 200
     async with gw.http.get(gw.url + "/v1/models?limit=5", headers={"Authorization": f"Bearer {key}"}) as r:
@@ -291,7 +313,9 @@ async def test_query_strings_are_ignored_for_routing(gw: Gateway, fake: FakeUpst
         ("POST", "/v1/responses?stream=true", "openai"),
     ],
 )
-async def test_unknown_v1_routes_are_404_in_the_client_format(gw: Gateway, method: str, path: str, fmt: str) -> None:
+async def test_unknown_v1_routes_are_404_in_the_client_format(
+    gw: Gateway, method: str, path: str, fmt: str
+) -> None:
     key = await gw.funded_key(1)
     async with gw.http.request(method, gw.url + path, json={}, headers={"x-api-key": key}) as r:
         assert r.status == 404

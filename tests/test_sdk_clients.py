@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import openai
@@ -21,17 +21,21 @@ from tests.test_proxy import PRICES
 
 # model -> the format its upstream speaks (gateway_harness.MODELS_TOML)
 UPSTREAM_API = {"gpt-test": "openai", "deepseek-test": "openai", "claude-test": "anthropic"}
-UPSTREAM_NAME = {"gpt-test": "gpt-test", "deepseek-test": "deepseek-upstream", "claude-test": "claude-upstream"}
+UPSTREAM_NAME = {
+    "gpt-test": "gpt-test",
+    "deepseek-test": "deepseek-upstream",
+    "claude-test": "claude-upstream",
+}
 # Distinct counts in every bucket, a cache write too, so a mixed-up mapping shows in the bill.
 USAGE = FakeUsage(input_cache_hit=300, input_cache_miss=900, output=77, cache_write=120)
 USAGE2 = FakeUsage(input_cache_hit=1200, input_cache_miss=40, output=15, cache_write=0)
 FUNDS = 100_000_000
-WEATHER_TOOL_A = {
+WEATHER_TOOL_A: Any = {
     "name": "get_weather",
     "description": "Weather for a city",
     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 }
-WEATHER_TOOL_O = {
+WEATHER_TOOL_O: Any = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -45,7 +49,7 @@ WEATHER_TOOL_O = {
         "strict": True,  # the SDK's stream helper only accepts strict tools
     },
 }
-ASK = [{"role": "user", "content": "Weather in Paris and Rome?"}]
+ASK: Any = [{"role": "user", "content": "Weather in Paris and Rome?"}]
 
 
 @pytest.fixture
@@ -64,7 +68,7 @@ async def gw(
 
 def script_for(model: str, **fields: Any) -> Script:
     """A script in the upstream's own style: DeepSeek flavour for the DeepSeek model."""
-    flavour = "deepseek" if model == "deepseek-test" else "openai"
+    flavour: Literal["openai", "deepseek"] = "deepseek" if model == "deepseek-test" else "openai"
     return Script(flavour=flavour, **{"usage": USAGE, **fields})
 
 
@@ -81,7 +85,9 @@ async def assert_billed(gw: Gateway, key: str, model: str, expected: list[Usage]
     rows = await gw.settled(len(expected))
     rows = [r for r in rows if r["account_id"] == account]
     assert len(rows) == len(expected)
-    got = sorted((r["input_cache_hit_tokens"], r["input_cache_miss_tokens"], r["output_tokens"]) for r in rows)
+    got = sorted(
+        (r["input_cache_hit_tokens"], r["input_cache_miss_tokens"], r["output_tokens"]) for r in rows
+    )
     want = sorted((u.input_cache_hit, u.metered_miss, u.output) for u in expected)
     assert got == want
     charges = sorted(r["charge_micro"] for r in rows)
@@ -126,7 +132,9 @@ async def test_openai_client_plain_text_not_streamed(gw: Gateway, fake: FakeUpst
 
 
 @pytest.mark.parametrize("model", ["deepseek-test", "claude-test"])
-async def test_openai_client_plain_text_streamed_with_usage(gw: Gateway, fake: FakeUpstream, model: str) -> None:
+async def test_openai_client_plain_text_streamed_with_usage(
+    gw: Gateway, fake: FakeUpstream, model: str
+) -> None:
     fake.script = script_for(model)
     key = await gw.funded_key(100)
     async with oai(gw, key) as client:
@@ -168,7 +176,9 @@ async def test_anthropic_client_plain_text_not_streamed(
 
 
 @pytest.mark.parametrize("model", ["gpt-test", "deepseek-test", "claude-test"])
-async def test_anthropic_stream_helper_text_and_final_message(gw: Gateway, fake: FakeUpstream, model: str) -> None:
+async def test_anthropic_stream_helper_text_and_final_message(
+    gw: Gateway, fake: FakeUpstream, model: str
+) -> None:
     fake.script = script_for(model, text_chunks=7)
     key = await gw.funded_key(100)
     async with ant(gw, key) as client:
@@ -192,12 +202,15 @@ async def test_anthropic_stream_helper_text_and_final_message(gw: Gateway, fake:
 
 @pytest.mark.parametrize("model", ["deepseek-test", "claude-test"])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_anthropic_client_tool_use_turn(gw: Gateway, fake: FakeUpstream, model: str, stream: bool) -> None:
+async def test_anthropic_client_tool_use_turn(
+    gw: Gateway, fake: FakeUpstream, model: str, stream: bool
+) -> None:
     call = FakeToolCall("get_weather", '{"city": "Paris"}', id="toolu_call_A1")
     first = script_for(model, text="Checking.", tool_calls=(call,))
     second = script_for(model, text="Sunny in Paris.", usage=USAGE2)
     fake.enqueue(first, second)
     key = await gw.funded_key(100)
+    msg: anthropic.types.Message
     async with ant(gw, key) as client:
         if stream:
             async with client.messages.stream(
@@ -205,7 +218,9 @@ async def test_anthropic_client_tool_use_turn(gw: Gateway, fake: FakeUpstream, m
             ) as s:
                 msg = await s.get_final_message()
         else:
-            msg = await client.messages.create(model=model, max_tokens=300, messages=ASK, tools=[WEATHER_TOOL_A])
+            msg = await client.messages.create(
+                model=model, max_tokens=300, messages=ASK, tools=[WEATHER_TOOL_A]
+            )
         assert msg.stop_reason == "tool_use"
         assert [b.type for b in msg.content] == ["text", "tool_use"]
         use = msg.content[1]
@@ -214,21 +229,33 @@ async def test_anthropic_client_tool_use_turn(gw: Gateway, fake: FakeUpstream, m
         history: list[Any] = [
             *ASK,
             {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in msg.content]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "22C sunny"}]},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "22C sunny"}],
+            },
         ]
-        answer = await client.messages.create(model=model, max_tokens=300, messages=history, tools=[WEATHER_TOOL_A])
+        answer = await client.messages.create(
+            model=model, max_tokens=300, messages=history, tools=[WEATHER_TOOL_A]
+        )
     assert answer.content[0].text == "Sunny in Paris."  # type: ignore[union-attr]
     assert answer.stop_reason == "end_turn"
     sent = fake.requests[-1].body
     if UPSTREAM_API[model] == "openai":
         assistant, result = sent["messages"][-2:]
         assert assistant["tool_calls"][0]["id"] == "toolu_call_A1"
-        assert assistant["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        assert assistant["tool_calls"][0]["function"] == {
+            "name": "get_weather",
+            "arguments": '{"city": "Paris"}',
+        }
         assert result == {"role": "tool", "tool_call_id": "toolu_call_A1", "content": "22C sunny"}
     else:
         assistant, result = sent["messages"][-2:]
         assert assistant["content"][1]["id"] == "toolu_call_A1"
-        assert result["content"][0] == {"type": "tool_result", "tool_use_id": "toolu_call_A1", "content": "22C sunny"}
+        assert result["content"][0] == {
+            "type": "tool_result",
+            "tool_use_id": "toolu_call_A1",
+            "content": "22C sunny",
+        }
     await assert_billed(
         gw, key, model, [billed_usage(first, model, stream), billed_usage(second, model, False)]
     )
@@ -242,6 +269,7 @@ async def test_openai_client_tool_use_turn(gw: Gateway, fake: FakeUpstream, mode
     second = script_for(model, text="Sunny in Paris.", usage=USAGE2)
     fake.enqueue(first, second)
     key = await gw.funded_key(100)
+    done: openai.types.chat.ChatCompletion
     async with oai(gw, key) as client:
         if stream:
             async with client.chat.completions.stream(model=model, messages=ASK, tools=[WEATHER_TOOL_O]) as s:
@@ -268,10 +296,14 @@ async def test_openai_client_tool_use_turn(gw: Gateway, fake: FakeUpstream, mode
         assistant, result = sent["messages"][-2:]
         assert assistant["role"] == "assistant"
         assert assistant["content"][-1] == {
-            "type": "tool_use", "id": "call_O1", "name": "get_weather", "input": {"city": "Paris"}
+            "type": "tool_use",
+            "id": "call_O1",
+            "name": "get_weather",
+            "input": {"city": "Paris"},
         }
         assert result == {
-            "role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_O1", "content": "22C sunny"}]
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "call_O1", "content": "22C sunny"}],
         }
     else:
         assert sent["messages"][-1] == {"role": "tool", "tool_call_id": "call_O1", "content": "22C sunny"}
@@ -290,10 +322,13 @@ PARALLEL = (
 
 @pytest.mark.parametrize("model", ["deepseek-test", "claude-test"])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_anthropic_client_parallel_tool_calls(gw: Gateway, fake: FakeUpstream, model: str, stream: bool) -> None:
+async def test_anthropic_client_parallel_tool_calls(
+    gw: Gateway, fake: FakeUpstream, model: str, stream: bool
+) -> None:
     fake.script = script_for(model, text="", tool_calls=PARALLEL, argument_chunks=4)
     key = await gw.funded_key(100)
     tools = [WEATHER_TOOL_A, {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}]
+    msg: anthropic.types.Message
     async with ant(gw, key) as client:
         if stream:
             async with client.messages.stream(model=model, max_tokens=300, messages=ASK, tools=tools) as s:
@@ -312,10 +347,12 @@ async def test_anthropic_client_parallel_tool_calls(gw: Gateway, fake: FakeUpstr
 
 @pytest.mark.parametrize("model", ["gpt-test", "claude-test"])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_openai_client_parallel_tool_calls(gw: Gateway, fake: FakeUpstream, model: str, stream: bool) -> None:
+async def test_openai_client_parallel_tool_calls(
+    gw: Gateway, fake: FakeUpstream, model: str, stream: bool
+) -> None:
     fake.script = script_for(model, text="", tool_calls=PARALLEL, argument_chunks=4)
     key = await gw.funded_key(100)
-    time_tool = {
+    time_tool: Any = {
         "type": "function",
         "function": {
             "name": "get_time",
@@ -323,6 +360,7 @@ async def test_openai_client_parallel_tool_calls(gw: Gateway, fake: FakeUpstream
             "strict": True,
         },
     }
+    done: openai.types.chat.ChatCompletion
     async with oai(gw, key) as client:
         if stream:
             async with client.chat.completions.stream(
@@ -330,7 +368,9 @@ async def test_openai_client_parallel_tool_calls(gw: Gateway, fake: FakeUpstream
             ) as s:
                 done = await s.get_final_completion()
         else:
-            done = await client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER_TOOL_O, time_tool])
+            done = await client.chat.completions.create(
+                model=model, messages=ASK, tools=[WEATHER_TOOL_O, time_tool]
+            )
     calls = done.choices[0].message.tool_calls or []
     got = [(c.id, c.function.name, c.function.arguments.replace(" ", "")) for c in calls]  # type: ignore[union-attr]
     assert got == [
@@ -351,6 +391,7 @@ async def test_deepseek_reasoning_becomes_thinking_blocks_for_the_anthropic_clie
 ) -> None:
     fake.script = script_for("deepseek-test", reasoning="First, recall the forecast.", reasoning_chunks=3)
     key = await gw.funded_key(100)
+    msg: anthropic.types.Message
     async with ant(gw, key) as client:
         if stream:
             async with client.messages.stream(model="deepseek-test", max_tokens=300, messages=ASK) as s:
@@ -387,7 +428,9 @@ async def _assert_fault_settled(gw: Gateway, key: str, model: str) -> None:
 
 
 @pytest.mark.parametrize("model", ["gpt-test", "claude-test"])
-async def test_anthropic_client_error_mid_stream_raises_api_error(gw: Gateway, fake: FakeUpstream, model: str) -> None:
+async def test_anthropic_client_error_mid_stream_raises_api_error(
+    gw: Gateway, fake: FakeUpstream, model: str
+) -> None:
     fake.script = script_for(model, text_chunks=8, error_after=4)
     key = await gw.funded_key(100)
     pieces: list[str] = []
@@ -403,7 +446,9 @@ async def test_anthropic_client_error_mid_stream_raises_api_error(gw: Gateway, f
 
 
 @pytest.mark.parametrize("model", ["gpt-test", "claude-test"])
-async def test_openai_client_error_mid_stream_raises_api_error(gw: Gateway, fake: FakeUpstream, model: str) -> None:
+async def test_openai_client_error_mid_stream_raises_api_error(
+    gw: Gateway, fake: FakeUpstream, model: str
+) -> None:
     fake.script = script_for(model, text_chunks=8, error_after=5)
     key = await gw.funded_key(100)
     pieces: list[str] = []
@@ -418,7 +463,9 @@ async def test_openai_client_error_mid_stream_raises_api_error(gw: Gateway, fake
 
 
 def _count(metrics_text: str, route: str, status: int) -> int:
-    m = re.search(rf'gateway_requests_total{{route="{re.escape(route)}",status="{status}"}} (\d+)', metrics_text)
+    m = re.search(
+        rf'gateway_requests_total{{route="{re.escape(route)}",status="{status}"}} (\d+)', metrics_text
+    )
     return int(m.group(1)) if m else 0
 
 

@@ -18,12 +18,12 @@ from tests.gateway_harness import UPSTREAM_KEY, Gateway, running_gateway
 from tests.test_proxy import PRICES
 
 BETA = "prompt-caching-2024-07-31,interleaved-thinking-2025-05-14"
-TOOL_A = {
+TOOL_A: dict[str, Any] = {
     "name": "read_file",
     "description": "Read a file",
     "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
 }
-TOOL_O = {
+TOOL_O: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "read_file",
@@ -47,7 +47,9 @@ async def gw(
         yield g
 
 
-async def post_anthropic(gw: Gateway, key: str, body: dict[str, Any], **headers: str) -> tuple[int, bytes, Any]:
+async def post_anthropic(
+    gw: Gateway, key: str, body: dict[str, Any], **headers: str
+) -> tuple[int, bytes, Any]:
     h = {"x-api-key": key, "anthropic-version": "2023-06-01", **headers}
     async with gw.http.post(gw.url + "/v1/messages", json=body, headers=h) as r:
         return r.status, await r.read(), r.headers
@@ -71,13 +73,18 @@ async def assert_nothing_charged(gw: Gateway, fake: FakeUpstream, key: str, fund
 # ---- Anthropic client -> OpenAI-format upstream --------------------------------------------------
 
 
-async def test_anthropic_request_reaches_an_openai_upstream_translated(gw: Gateway, fake: FakeUpstream) -> None:
+async def test_anthropic_request_reaches_an_openai_upstream_translated(
+    gw: Gateway, fake: FakeUpstream
+) -> None:
     key = await gw.funded_key(100)
     body = {
         "model": "deepseek-test",
         "max_tokens": 100_000,  # above the model's 8192: capped
         "stream": True,
-        "system": [{"type": "text", "text": "You are terse."}, {"type": "text", "text": "Use tools.", "cache_control": {"type": "ephemeral"}}],
+        "system": [
+            {"type": "text", "text": "You are terse."},
+            {"type": "text", "text": "Use tools.", "cache_control": {"type": "ephemeral"}},
+        ],
         "messages": [
             {"role": "user", "content": "Open a.txt"},
             {
@@ -90,7 +97,11 @@ async def test_anthropic_request_reaches_an_openai_upstream_translated(gw: Gatew
             {
                 "role": "user",
                 "content": [
-                    {"type": "tool_result", "tool_use_id": "toolu_01", "content": [{"type": "text", "text": "hello"}]},
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_01",
+                        "content": [{"type": "text", "text": "hello"}],
+                    },
                     {"type": "text", "text": "Now summarise."},
                 ],
             },
@@ -122,7 +133,11 @@ async def test_anthropic_request_reaches_an_openai_upstream_translated(gw: Gatew
             "role": "assistant",
             "content": "Opening.",
             "tool_calls": [
-                {"id": "toolu_01", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "a.txt"}'}}
+                {
+                    "id": "toolu_01",
+                    "type": "function",
+                    "function": {"name": "read_file", "arguments": '{"path": "a.txt"}'},
+                }
             ],
             "reasoning_content": "",
         },
@@ -130,7 +145,14 @@ async def test_anthropic_request_reaches_an_openai_upstream_translated(gw: Gatew
         {"role": "user", "content": "Now summarise."},
     ]
     assert up["tools"] == [
-        {"type": "function", "function": {"name": "read_file", "description": "Read a file", "parameters": TOOL_A["input_schema"]}}
+        {
+            "type": "function",
+            "function": {
+                "name": "read_file",
+                "description": "Read a file",
+                "parameters": TOOL_A["input_schema"],
+            },
+        }
     ]
     assert up["tool_choice"] == "required" and up["parallel_tool_calls"] is False
     assert up["stop"] == ["END", "STOP", "HALT", "QUIT"]
@@ -148,8 +170,15 @@ async def test_anthropic_request_reaches_an_openai_upstream_translated(gw: Gatew
 
 async def test_tool_choice_for_one_named_tool_and_none(gw: Gateway, fake: FakeUpstream) -> None:
     key = await gw.funded_key(100)
-    base = {"model": "gpt-test", "max_tokens": 50, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL_A]}
-    assert (await post_anthropic(gw, key, {**base, "tool_choice": {"type": "tool", "name": "read_file"}}))[0] == 200
+    base = {
+        "model": "gpt-test",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "x"}],
+        "tools": [TOOL_A],
+    }
+    assert (await post_anthropic(gw, key, {**base, "tool_choice": {"type": "tool", "name": "read_file"}}))[
+        0
+    ] == 200
     assert fake.requests[-1].body["tool_choice"] == {"type": "function", "function": {"name": "read_file"}}
     assert "parallel_tool_calls" not in fake.requests[-1].body
     assert (await post_anthropic(gw, key, {**base, "tool_choice": {"type": "none"}}))[0] == 200
@@ -162,7 +191,9 @@ async def test_tool_choice_for_one_named_tool_and_none(gw: Gateway, fake: FakeUp
     assert "stream" not in fake.requests[-1].body and "stream_options" not in fake.requests[-1].body
 
 
-async def test_thin_balance_lowers_max_tokens_sent_to_a_translated_upstream(gw: Gateway, fake: FakeUpstream) -> None:
+async def test_thin_balance_lowers_max_tokens_sent_to_a_translated_upstream(
+    gw: Gateway, fake: FakeUpstream
+) -> None:
     thin = await gw.funded_key(None)
     account = await gw.account_of(thin)
     await gw.ledger.credit(account, 10_000, reference="thin", source="grant")  # ~1,200 tokens at 8 THB/1M
@@ -178,10 +209,14 @@ async def test_thin_balance_lowers_max_tokens_sent_to_a_translated_upstream(gw: 
     await gw.reconcile_ok()
 
 
-async def test_anthropic_beta_is_forwarded_only_to_anthropic_upstreams(gw: Gateway, fake: FakeUpstream) -> None:
+async def test_anthropic_beta_is_forwarded_only_to_anthropic_upstreams(
+    gw: Gateway, fake: FakeUpstream
+) -> None:
     key = await gw.funded_key(100)
     body = {"model": "claude-test", "max_tokens": 50, "messages": [{"role": "user", "content": "x"}]}
-    status, _, _ = await post_anthropic(gw, key, body, **{"anthropic-beta": BETA, "anthropic-version": "2023-06-01"})
+    status, _, _ = await post_anthropic(
+        gw, key, body, **{"anthropic-beta": BETA, "anthropic-version": "2023-06-01"}
+    )
     assert status == 200
     sent = fake.requests[-1]
     assert sent.headers["anthropic-beta"] == BETA
@@ -195,7 +230,9 @@ async def test_anthropic_beta_is_forwarded_only_to_anthropic_upstreams(gw: Gatew
 # ---- OpenAI client -> Anthropic upstream ---------------------------------------------------------
 
 
-async def test_openai_request_reaches_an_anthropic_upstream_translated(gw: Gateway, fake: FakeUpstream) -> None:
+async def test_openai_request_reaches_an_anthropic_upstream_translated(
+    gw: Gateway, fake: FakeUpstream
+) -> None:
     key = await gw.funded_key(100)
     body = {
         "model": "claude-test",
@@ -207,7 +244,13 @@ async def test_openai_request_reaches_an_anthropic_upstream_translated(gw: Gatew
             {
                 "role": "assistant",
                 "content": None,
-                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "read_file", "arguments": '{"path":"a.txt"}'}}],
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "read_file", "arguments": '{"path":"a.txt"}'},
+                    }
+                ],
             },
             {"role": "tool", "tool_call_id": "call_1", "content": "hello"},
             {"role": "user", "content": [{"type": "text", "text": "Now summarise."}]},
@@ -235,13 +278,23 @@ async def test_openai_request_reaches_an_anthropic_upstream_translated(gw: Gatew
     assert up["system"] == "You are terse.\n\nUse tools."
     assert up["messages"] == [
         {"role": "user", "content": [{"type": "text", "text": "Open a.txt"}]},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "read_file", "input": {"path": "a.txt"}}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": "call_1", "name": "read_file", "input": {"path": "a.txt"}}
+            ],
+        },
         {
             "role": "user",
-            "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "hello"}, {"type": "text", "text": "Now summarise."}],
+            "content": [
+                {"type": "tool_result", "tool_use_id": "call_1", "content": "hello"},
+                {"type": "text", "text": "Now summarise."},
+            ],
         },
     ]
-    assert up["tools"] == [{"name": "read_file", "description": "Read a file", "input_schema": TOOL_O["function"]["parameters"]}]  # type: ignore[index]
+    assert up["tools"] == [
+        {"name": "read_file", "description": "Read a file", "input_schema": TOOL_O["function"]["parameters"]}
+    ]
     assert up["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
     assert up["stop_sequences"] == ["END"]
     assert (up["temperature"], up["top_p"], up["metadata"]) == (1, 0.8, {"user_id": "u-9"})
@@ -258,7 +311,9 @@ async def test_openai_request_reaches_an_anthropic_upstream_translated(gw: Gatew
 
 
 @pytest.mark.parametrize("field", ["max_completion_tokens", "max_tokens"])
-async def test_openai_output_cap_becomes_anthropic_max_tokens(gw: Gateway, fake: FakeUpstream, field: str) -> None:
+async def test_openai_output_cap_becomes_anthropic_max_tokens(
+    gw: Gateway, fake: FakeUpstream, field: str
+) -> None:
     key = await gw.funded_key(100)
     body = {"model": "claude-test", "messages": [{"role": "user", "content": "x"}], field: 500}
     assert (await post_openai(gw, key, body))[0] == 200
@@ -267,8 +322,12 @@ async def test_openai_output_cap_becomes_anthropic_max_tokens(gw: Gateway, fake:
     assert fake.requests[-1].body["max_tokens"] == 8192
 
 
-async def test_translated_openai_stream_hides_usage_unless_asked_and_still_bills(gw: Gateway, fake: FakeUpstream) -> None:
-    fake.script = Script(usage=FakeUsage(input_cache_hit=500, input_cache_miss=60, cache_write=200, output=33))
+async def test_translated_openai_stream_hides_usage_unless_asked_and_still_bills(
+    gw: Gateway, fake: FakeUpstream
+) -> None:
+    fake.script = Script(
+        usage=FakeUsage(input_cache_hit=500, input_cache_miss=60, cache_write=200, output=33)
+    )
     key = await gw.funded_key(100)
     body = {"model": "claude-test", "stream": True, "messages": [{"role": "user", "content": "x"}]}
     status, raw, _ = await post_openai(gw, key, body)
@@ -283,13 +342,22 @@ async def test_translated_openai_stream_hides_usage_unless_asked_and_still_bills
     usage = usage_for(fake.script, "anthropic")
     assert usage is not None
     assert rows[0]["charge_micro"] == charge_micro(usage, **PRICES["claude-test"])
-    assert (rows[0]["input_cache_hit_tokens"], rows[0]["input_cache_miss_tokens"], rows[0]["cache_write_tokens"]) == (500, 260, 200)
+    assert (
+        rows[0]["input_cache_hit_tokens"],
+        rows[0]["input_cache_miss_tokens"],
+        rows[0]["cache_write_tokens"],
+    ) == (500, 260, 200)
 
 
 async def test_tool_ids_and_arguments_survive_a_translated_stream(gw: Gateway, fake: FakeUpstream) -> None:
     fake.script = Script(text="", tool_calls=(FakeToolCall("read_file", '{"path": "b.txt"}', id="toolu_x9"),))
     key = await gw.funded_key(100)
-    body = {"model": "claude-test", "stream": True, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL_O]}
+    body = {
+        "model": "claude-test",
+        "stream": True,
+        "messages": [{"role": "user", "content": "x"}],
+        "tools": [TOOL_O],
+    }
     status, raw, _ = await post_openai(gw, key, body)
     assert status == 200
     chunks = [orjson.loads(e.data) for e in SSEParser().feed(raw) if e.data != b"[DONE]"]
@@ -306,12 +374,38 @@ async def test_tool_ids_and_arguments_survive_a_translated_stream(gw: Gateway, f
 ANTHROPIC_REFUSALS = [
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
     (
-        {"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}]}]},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "document",
+                            "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="},
+                        }
+                    ],
+                }
+            ]
+        },
         "messages[0].content[0]",
     ),
-    ({"messages": [{"role": "user", "content": [{"type": "search_result", "source": "s", "title": "t", "content": []}]}]}, "messages[0].content[0].type"),
     (
-        {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "search_result", "source": "s", "title": "t", "content": []}],
+                }
+            ]
+        },
+        "messages[0].content[0].type",
+    ),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}
+            ]
+        },
         "messages[0].content[0].source.type",
     ),
 ]
@@ -322,7 +416,12 @@ async def test_what_an_openai_upstream_cannot_carry_is_a_400_in_anthropic_format
     gw: Gateway, fake: FakeUpstream, extra: dict[str, Any], field: str
 ) -> None:
     key = await gw.funded_key(10)
-    body = {"model": "deepseek-test", "max_tokens": 100, "messages": [{"role": "user", "content": "x"}], **extra}
+    body = {
+        "model": "deepseek-test",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "x"}],
+        **extra,
+    }
     status, raw, headers = await post_anthropic(gw, key, body)
     assert status == 400
     err = orjson.loads(raw)
@@ -338,14 +437,39 @@ OPENAI_REFUSALS = [
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format.type"),
-    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AA==", "format": "wav"}}]}]}, "messages[0].content[0].type"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]}]}, "messages[0].content[0].image_url.url"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+        "response_format.type",
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "input_audio", "input_audio": {"data": "AA==", "format": "wav"}}],
+                }
+            ]
+        },
+        "messages[0].content[0].type",
+    ),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]}
+            ]
+        },
+        "messages[0].content[0].image_url.url",
+    ),
     (
         {
             "messages": [
                 {"role": "user", "content": "x"},
-                {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}
+                    ],
+                },
                 {"role": "tool", "tool_call_id": "c", "content": "r"},
             ]
         },
