@@ -14,6 +14,7 @@ from . import errors as E
 from . import tokens
 from .appkeys import LEDGER, METRICS, PROXY, REDIS, REGISTRY
 from .auth import authenticate
+from .proxy import Proxy
 
 __all__ = ["api_routes"]
 
@@ -107,11 +108,13 @@ async def head_root(request: web.Request) -> web.Response:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await request.app[PROXY].chat_completions(request)
+    proxy: Proxy = request.app[PROXY]
+    return await proxy.chat_completions(request)
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
-    return await request.app[PROXY].messages(request)
+    proxy: Proxy = request.app[PROXY]
+    return await proxy.messages(request)
 
 
 def api_routes() -> list[web.RouteDef]:

@@ -141,6 +141,7 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 async def _drain(app: web.Application, grace_s: float) -> None:
-    pending = list(app[BACKGROUND])
+    background: set[asyncio.Task[None]] = app[BACKGROUND]
+    pending = list(background)
     if pending:
         await asyncio.wait(pending, timeout=grace_s)

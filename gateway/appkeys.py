@@ -42,7 +42,7 @@ STORE = web.AppKey("store", Store)
 # One client session for every upstream and outside API (aiohttp's persistent-session advice).
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", Metrics)
-PROXY = web.AppKey("proxy", "Proxy")
+PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
 # Settlements and other work that must finish even when the request that started it is cancelled.
 BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
 # Embedded default only: the demo account and its freshly issued key, for the start-up banner.

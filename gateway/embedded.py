@@ -39,7 +39,7 @@ class _SerialHandler(TCPFakeRequestHandler):
             with _COMMAND_LOCK:
                 unlocked(data)
 
-        sock.sendall = sendall
+        sock.sendall = sendall  # type: ignore[method-assign,assignment]
 
 
 class EmbeddedRedis:
@@ -52,7 +52,7 @@ class EmbeddedRedis:
     def url(self) -> str:
         assert self._server is not None, "start() first"
         host, port = self._server.server_address[:2]
-        return f"redis://{host}:{port}/0"
+        return f"redis://{host!s}:{port}/0"
 
     def start(self) -> str:
         self._server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")

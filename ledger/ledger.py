@@ -166,7 +166,8 @@ class Ledger:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.redis = redis
+        # Any: the client decodes responses to str, which redis-py's annotations cannot express.
+        self.redis: Any = redis
         self.keys = keyspace or K.Keyspace()
         self.clock = clock
         self._scripts = Scripts(redis)

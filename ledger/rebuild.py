@@ -2,7 +2,8 @@
 
 Every key and field is written as the Lua scripts write them (see ledger/lua/*.lua): accounts with
 their counters, the sub index, buckets with their expiry indexes and credit references, live API keys,
-open reservations, recent outcomes (so a retried settle still answers "exists"), refund records.
+open reservations, recent outcomes (so a retried settle still answers "exists"), refund records,
+top-up records (with the pending index the Omise reconciliation reads).
 The journal cursors are reset first: the streams start again from nothing.
 """
 
@@ -67,6 +68,7 @@ def _read_history(store: Store, now_ms: int) -> dict[str, list[Any]]:
             (done_since,),
         ),
         "refunds": q("SELECT * FROM refunds"),
+        "topups": q("SELECT * FROM topups"),
     }
 
 
@@ -132,7 +134,7 @@ async def rebuild(
             fields["sub_hash"] = hash_subject(sub) if sub else ""
             if sub:
                 pipe.set(pfx + "sub:" + hash_subject(sub), acct)
-        pipe.hset(pfx + "a:" + acct, mapping=fields)  # type: ignore[arg-type]
+        pipe.hset(pfx + "a:" + acct, mapping=fields)
         pipe.sadd(pfx + "accounts", acct)
         pending += 1
         await flush()
@@ -176,7 +178,7 @@ async def rebuild(
             pipe.hset(pfx + "a:" + acct + ":keys", key_id, k["key_hash"])
         else:
             fields["revoked_at"] = k["revoked_ms"] or now
-        pipe.hset(pfx + "k:" + key_id, mapping=fields)  # type: ignore[arg-type]
+        pipe.hset(pfx + "k:" + key_id, mapping=fields)
         pending += 1
         await flush()
 
@@ -214,7 +216,7 @@ async def rebuild(
             }
         else:
             done = {"outcome": "released"}
-        pipe.hset(pfx + "rd:" + req, mapping=done)  # type: ignore[arg-type]
+        pipe.hset(pfx + "rd:" + req, mapping=done)
         ttl_s = max(1, (int(res["finished_ms"]) + DONE_TTL_S * 1000 - now) // 1000)
         pipe.expire(pfx + "rd:" + req, ttl_s)
         pending += 1
@@ -231,6 +233,31 @@ async def rebuild(
                 "account": rf["account_id"],
             },
         )
+        pending += 1
+        await flush()
+    for tp in h["topups"]:
+        tid, acct = tp["topup_id"], tp["account_id"]
+        pfx = ks.pfx_for(acct)
+        pipe.hset(
+            pfx + "t:" + tid,
+            mapping={
+                "account": acct,
+                "amount": tp["amount_micro"],
+                "minor": tp["amount_minor"],
+                "currency": tp["currency"],
+                "method": tp["method"],
+                "status": tp["status"],
+                "charge": tp["charge_id"] or "",
+                "failure_code": tp["failure_code"] or "",
+                "failure_message": tp["failure_message"] or "",
+                "bucket": tp["bucket_id"] or "",
+                "created_at": tp["created_ms"],
+                "updated_at": tp["updated_ms"],
+            },
+        )
+        pipe.zadd(pfx + "a:" + acct + ":tops", {tid: int(tp["created_ms"])})
+        if tp["status"] == "pending":
+            pipe.zadd(pfx + "tp", {tid: int(tp["created_ms"])})
         pending += 1
         await flush()
     await flush(force_now=True)

@@ -64,9 +64,9 @@ async def redis_snapshot(ledger: Ledger) -> dict[str, AccountSnapshot]:
     out: dict[str, AccountSnapshot] = {}
     for shard in ledger.keys.all_shards():
         pfx = ledger.keys.shard_prefix(shard)
-        members: set[str] = await r.smembers(pfx + "accounts")  # type: ignore[assignment]
+        members: set[str] = await r.smembers(pfx + "accounts")
         for acct in sorted(members):
-            h: dict[str, str] = await r.hgetall(pfx + "a:" + acct)  # type: ignore[assignment]
+            h: dict[str, str] = await r.hgetall(pfx + "a:" + acct)
             if not h:
                 out[acct] = AccountSnapshot(acct, "missing", 0, dict.fromkeys(COUNTERS, 0))
                 continue
@@ -78,11 +78,11 @@ async def redis_snapshot(ledger: Ledger) -> dict[str, AccountSnapshot]:
             )
             for b in await ledger.buckets(acct):
                 snap.buckets[b.bucket_id] = (b.amount_micro, b.remaining_micro, b.expires_at)
-            snap.live_keys = await r.hgetall(pfx + "a:" + acct + ":keys")  # type: ignore[assignment]
+            snap.live_keys = await r.hgetall(pfx + "a:" + acct + ":keys")
             out[acct] = snap
-        reqs: list[str] = await r.zrange(pfx + "rz", 0, -1)  # type: ignore[assignment]
+        reqs: list[str] = await r.zrange(pfx + "rz", 0, -1)
         for req in reqs:
-            got: list[str | None] = await r.hmget(pfx + "r:" + req, "account", "held")  # type: ignore[assignment]
+            got: list[str | None] = await r.hmget(pfx + "r:" + req, "account", "held")
             if got[0] is not None and got[0] in out:
                 out[got[0]].open_held[req] = int(got[1] or 0)
     return out
