@@ -26,6 +26,7 @@ SCRIPT_NAMES = (
     "refund",
     "refund_finish",
     "expire",
+    "topup",
 )
 
 

@@ -184,8 +184,32 @@ CREATE TABLE journal_cursor (
 );
 """
 
+# Top-ups (Omise charges on their way to buckets): ids, amounts, status, Omise's reason, times.
+# Never card numbers, names on cards or CVVs: Omise keeps those; we only ever see a token id.
+_V2 = """
+CREATE TABLE topups (
+    topup_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    amount_micro INTEGER NOT NULL,
+    amount_minor INTEGER NOT NULL,    -- what Omise charged, in the smallest currency unit (satang)
+    currency TEXT NOT NULL,
+    method TEXT NOT NULL,             -- card | promptpay
+    status TEXT NOT NULL CHECK (status IN ('pending', 'successful', 'failed', 'expired')),
+    charge_id TEXT,                   -- Omise's chrg_...; NULL until Omise answered
+    failure_code TEXT,
+    failure_message TEXT,
+    bucket_id TEXT,
+    created_at TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_at TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE INDEX topups_account ON topups (account_id, created_ms);
+CREATE INDEX topups_status ON topups (status, created_ms);
+"""
+
 # Each entry upgrades from the version before it; never edit a shipped one, append a new one.
-_MIGRATIONS: tuple[str, ...] = (_V1,)
+_MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -366,6 +390,15 @@ class Store:
         with self.reader() as conn:
             rows = conn.execute(
                 "SELECT * FROM buckets WHERE account_id = ? ORDER BY expires_ms, bucket_id", (account_id,)
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def topups_of(self, account_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The account's top-ups, newest first."""
+        with self.reader() as conn:
+            rows = conn.execute(
+                "SELECT * FROM topups WHERE account_id = ? ORDER BY created_ms DESC LIMIT ?",
+                (account_id, max(1, min(int(limit), 1000))),
             ).fetchall()
         return [dict(r) for r in rows]
 

@@ -132,6 +132,11 @@ class FakeOmise:
         app.router.add_get("/3ds/{id}", self._threeds_page)
         app.router.add_post("/3ds/{id}", self._threeds_submit)
         app.router.add_get("/qr/{id}.svg", self._qr_image)
+        # Omise.js's part (Omise serves these from cdn.omise.co and vault.omise.co): a stand-in
+        # script with the same API that turns card fields into a token at this fake's /tokens.
+        app.router.add_get("/omise.js", self._omise_js)
+        app.router.add_post("/tokens", self._create_token_http)
+        app.router.add_route("OPTIONS", "/tokens", self._tokens_preflight)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -436,6 +441,37 @@ class FakeOmise:
             self.complete_3ds(charge["id"], success=form.get("outcome") == "success")
         raise web.HTTPFound(charge["return_uri"])
 
+    async def _omise_js(self, request: web.Request) -> web.Response:
+        return web.Response(text=_OMISE_JS, content_type="text/javascript")
+
+    async def _tokens_preflight(self, request: web.Request) -> web.Response:
+        return web.Response(status=204, headers=_cors(request))
+
+    async def _create_token_http(self, request: web.Request) -> web.Response:
+        """Omise's vault: card fields in (Basic auth with the public key), a token id out."""
+        expected = "Basic " + base64.b64encode(f"{self.public_key}:".encode()).decode()
+        if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected.encode()):
+            resp = _error(401, "authentication_failure", "authentication failed")
+            resp.headers.update(_cors(request))
+            return resp
+        form = _unflatten_form(dict(await request.post()))
+        card = form.get("card") if isinstance(form.get("card"), dict) else {}
+        number = str(card.get("number", ""))
+        if not number.isdigit() or not 12 <= len(number) <= 19:
+            resp = _error(400, "invalid_card", "number is invalid")
+            resp.headers.update(_cors(request))
+            return resp
+        month, year = str(card.get("expiration_month", "")), str(card.get("expiration_year", ""))
+        token = self.create_token(
+            number,
+            name=str(card.get("name", "")),
+            expiration_month=int(month) if month.isdigit() else 12,
+            expiration_year=int(year) if year.isdigit() else 2031,
+            security_code=str(card.get("security_code", "")),
+        )
+        body = {"object": "token", "id": token, "livemode": False, "used": False, "created_at": _now_iso()}
+        return web.json_response(body, headers=_cors(request))
+
     async def _qr_image(self, request: web.Request) -> web.Response:
         svg = '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>'
         return web.Response(text=svg, content_type="image/svg+xml")
@@ -619,6 +655,32 @@ def _card_object(card: _Card) -> dict[str, Any]:
         "expiration_year": card.expiration_year,
         "security_code_check": True,
         "created_at": _now_iso(),
+    }
+
+
+# The stand-in for Omise.js: Omise.setPublicKey(key); Omise.createToken("card", fields, cb(status, obj)).
+_OMISE_JS = """(function () {
+  var base = document.currentScript.src.replace(/\\/omise\\.js(\\?.*)?$/, "");
+  var key = "";
+  window.Omise = {
+    setPublicKey: function (k) { key = k; },
+    createToken: function (type, card, callback) {
+      var body = new URLSearchParams();
+      Object.keys(card).forEach(function (k) { body.append(type + "[" + k + "]", card[k]); });
+      fetch(base + "/tokens", { method: "POST", headers: { "Authorization": "Basic " + btoa(key + ":") }, body: body })
+        .then(function (r) { return r.json().then(function (j) { callback(r.status, j); }); })
+        .catch(function () { callback(0, { message: "network error" }); });
+    }
+  };
+})();
+"""
+
+
+def _cors(request: web.Request) -> dict[str, str]:
+    return {
+        "Access-Control-Allow-Origin": request.headers.get("Origin", "*"),
+        "Access-Control-Allow-Headers": "Authorization, Content-Type",
+        "Access-Control-Allow-Methods": "POST",
     }
 
 
