@@ -10,6 +10,7 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 __all__ = ["SCRIPT_NAMES", "Scripts", "script_source"]
 
@@ -46,4 +47,12 @@ class Scripts:
             await self._redis.script_load(script.script)
 
     async def __call__(self, name: str, journal_key: str, *args: str | int) -> Any:
-        return await self._scripts[name](keys=[journal_key], args=[str(a) for a in args])
+        argv = [str(a) for a in args]
+        # AsyncScript reloads once on NOSCRIPT; a second flush racing that reload (a Redis restart,
+        # an operator's SCRIPT FLUSH) gets one more try. The scripts are idempotent on their ids.
+        for _ in range(2):
+            try:
+                return await self._scripts[name](keys=[journal_key], args=argv)
+            except NoScriptError:
+                continue
+        return await self._scripts[name](keys=[journal_key], args=argv)
