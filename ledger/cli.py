@@ -8,8 +8,10 @@ import csv
 import signal
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+import contextlib
+import os
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import orjson
@@ -46,6 +48,8 @@ class Ctx:
     out: TextIO
     _redis: aioredis.Redis | None = None
     _store: Store | None = None
+    # The environment the command runs in (the Omise commands read OMISE_* from it).
+    environ: Mapping[str, str] = field(default_factory=dict)
 
     async def ledger(self) -> Ledger:
         if self._redis is None:
@@ -249,6 +253,102 @@ async def cmd_worker(ctx: Ctx, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ----- Omise: top-ups and refunds ---------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _payments(ctx: Ctx) -> AsyncIterator[Any]:
+    """The gateway's Payments service over this ledger, talking to Omise with OMISE_SECRET_KEY."""
+    import aiohttp
+
+    from gateway.omise_api import OMISE_API_BASE, OmiseClient
+    from gateway.payments.service import Payments
+
+    secret = ctx.environ.get("OMISE_SECRET_KEY") or ""
+    if not secret:
+        raise Refused("OMISE_SECRET_KEY is not set")
+    ledger = await ctx.ledger()
+    async with aiohttp.ClientSession() as http:
+        omise = OmiseClient(secret, http, api_base=(ctx.environ.get("OMISE_API_BASE") or OMISE_API_BASE).rstrip("/"))
+        yield Payments(
+            ledger, omise, currency=ctx.config.currency, public_base_url=ctx.environ.get("PUBLIC_BASE_URL") or ""
+        )
+
+
+async def cmd_topups(ctx: Ctx, a: argparse.Namespace) -> int:
+    store = ctx.store()
+    ledger = await ctx.ledger()
+    await drain_all(ledger, store)
+    where, params = [], []
+    if a.status:
+        where.append("status = ?")
+        params.append(a.status)
+    if a.account:
+        where.append("account_id = ?")
+        params.append(a.account)
+    sql = "SELECT * FROM topups" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created_ms"
+    rows = [
+        {
+            "topup_id": r["topup_id"],
+            "account_id": r["account_id"],
+            "status": r["status"],
+            "amount_micro": r["amount_micro"],
+            "currency": r["currency"],
+            "method": r["method"],
+            "charge_id": r["charge_id"],
+            "bucket_id": r["bucket_id"],
+            "failure_code": r["failure_code"],
+            "failure_message": r["failure_message"],
+            "created_at": r["created_at"],
+            "updated_at": r["updated_at"],
+        }
+        for r in store.query(sql, tuple(params))
+    ]
+    ctx.audit("topups.list", a.account or "*", {"status": a.status or "", "rows": len(rows)}, ledger.now_ms())
+    if ctx.json:
+        ctx.emit(rows)
+    else:
+        for row in rows:
+            ctx.out.write(
+                f"{row['topup_id']} {row['account_id']} {row['status']} {row['amount_micro']} "
+                f"{row['charge_id'] or '-'} {row['failure_code'] or ''}\n"
+            )
+    return EXIT_OK
+
+
+async def cmd_sync_omise(ctx: Ctx, a: argparse.Namespace) -> int:
+    from gateway.payments.sync import sync_pending
+
+    async with _payments(ctx) as payments:
+        report = await sync_pending(payments, older_than_s=a.older_than, store=ctx.store())
+        out = report.as_json()
+        ctx.audit("omise.sync", "topups", {k: v for k, v in out.items() if k != "topups"}, payments.ledger.now_ms())
+    ctx.emit(out)
+    return EXIT_OK
+
+
+async def cmd_refund(ctx: Ctx, a: argparse.Namespace) -> int:
+    amount = None
+    if a.amount is not None:
+        try:
+            amount = parse_amount(a.amount)
+        except ValueError as exc:
+            raise BadUsage(f"--amount: {exc}") from None
+    from gateway.errors import GatewayError
+
+    async with _payments(ctx) as payments:
+        account = await payments.ledger.bucket_account(a.bucket_id) or ""
+        try:
+            outcome = await payments.refund_bucket(None, a.bucket_id, amount_micro=amount)
+        except GatewayError as exc:
+            raise Refused(exc.message) from None
+        ctx.audit("refund", account, {**outcome.as_json(), "bucket_id": a.bucket_id}, payments.ledger.now_ms())
+    ctx.emit(outcome.as_json())
+    if outcome.status == "reverted":
+        raise Refused(f"Omise refused the refund ({outcome.failure_code}): {outcome.failure_message}")
+    return EXIT_OK
+
+
 # ----- parsing ----------------------------------------------------------------------------------
 
 Command = Callable[[Ctx, argparse.Namespace], Awaitable[int]]
@@ -296,6 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace a ledger that still has keys"
     )
     cmd(sub, "migrate", cmd_migrate, "create or upgrade the SQLite schema")
+    t = cmd(sub, "topups", cmd_topups, "list top-ups (Omise charges and what became of them)")
+    t.add_argument("--status", choices=("pending", "successful", "failed", "expired"))
+    t.add_argument("--account")
+    cmd(sub, "sync-omise", cmd_sync_omise, "ask Omise about every pending top-up; credit or fail it").add_argument(
+        "--older-than", type=int, default=0, metavar="SECONDS", help="only top-ups pending this long"
+    )
+    rf = cmd(sub, "refund", cmd_refund, "refund a top-up bucket's unused credit through Omise")
+    rf.add_argument("bucket_id")
+    rf.add_argument("--amount", help="currency units (default: all unused credit, in whole satang)")
     cmd(sub, "worker", cmd_worker, "drain the journal until SIGTERM").add_argument(
         "--interval", type=float, default=0.5, metavar="SECONDS"
     )
@@ -320,7 +429,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     except ConfigError as exc:
         sys.stderr.write(f"ledger: {exc}\n")
         return EXIT_USAGE
-    ctx = Ctx(config=config, json=want_json, out=sys.stdout)
+    ctx = Ctx(config=config, json=want_json, out=sys.stdout, environ=dict(os.environ if environ is None else environ))
     name = " ".join(x for x in (args.command, getattr(args, "sub", None)) if x)
     try:
         return asyncio.run(_run(args.fn, ctx, args))

@@ -76,7 +76,7 @@ async def cli(tmp_path: Path) -> AsyncIterator[Cli]:
 
 
 async def test_accounts_keys_grant_balance_and_audit(cli: Cli) -> None:
-    assert cli.ok("migrate") == {"version": 1}
+    assert cli.ok("migrate") == {"version": 2}
     account = cli.ok("account", "create", "alice@example.com")["account_id"]
     first = cli.ok("key", "create", account)
     assert set(first) == {"key_id", "key"} and first["key"].startswith("cpk_")

@@ -288,8 +288,8 @@ async def test_worker_run_drains_sweeps_and_stops(ledger: Ledger, clock, store: 
 
 def test_migrate_is_idempotent_and_versioned(tmp_path: Path) -> None:
     s = Store(str(tmp_path / "m.sqlite3"))
-    assert s.migrate() == 1
-    assert s.migrate() == 1
-    assert s.query("SELECT value FROM meta WHERE key = 'schema_version'")[0][0] == "1"
+    assert s.migrate() == 2
+    assert s.migrate() == 2
+    assert s.query("SELECT value FROM meta WHERE key = 'schema_version'")[0][0] == "2"
     assert s.query("PRAGMA journal_mode")[0][0] == "wal"
     s.close()
