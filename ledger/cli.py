@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
+import os
 import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-import contextlib
-import os
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -269,9 +269,14 @@ async def _payments(ctx: Ctx) -> AsyncIterator[Any]:
         raise Refused("OMISE_SECRET_KEY is not set")
     ledger = await ctx.ledger()
     async with aiohttp.ClientSession() as http:
-        omise = OmiseClient(secret, http, api_base=(ctx.environ.get("OMISE_API_BASE") or OMISE_API_BASE).rstrip("/"))
+        omise = OmiseClient(
+            secret, http, api_base=(ctx.environ.get("OMISE_API_BASE") or OMISE_API_BASE).rstrip("/")
+        )
         yield Payments(
-            ledger, omise, currency=ctx.config.currency, public_base_url=ctx.environ.get("PUBLIC_BASE_URL") or ""
+            ledger,
+            omise,
+            currency=ctx.config.currency,
+            public_base_url=ctx.environ.get("PUBLIC_BASE_URL") or "",
         )
 
 
@@ -322,7 +327,9 @@ async def cmd_sync_omise(ctx: Ctx, a: argparse.Namespace) -> int:
     async with _payments(ctx) as payments:
         report = await sync_pending(payments, older_than_s=a.older_than, store=ctx.store())
         out = report.as_json()
-        ctx.audit("omise.sync", "topups", {k: v for k, v in out.items() if k != "topups"}, payments.ledger.now_ms())
+        ctx.audit(
+            "omise.sync", "topups", {k: v for k, v in out.items() if k != "topups"}, payments.ledger.now_ms()
+        )
     ctx.emit(out)
     return EXIT_OK
 
@@ -342,7 +349,9 @@ async def cmd_refund(ctx: Ctx, a: argparse.Namespace) -> int:
             outcome = await payments.refund_bucket(None, a.bucket_id, amount_micro=amount)
         except GatewayError as exc:
             raise Refused(exc.message) from None
-        ctx.audit("refund", account, {**outcome.as_json(), "bucket_id": a.bucket_id}, payments.ledger.now_ms())
+        ctx.audit(
+            "refund", account, {**outcome.as_json(), "bucket_id": a.bucket_id}, payments.ledger.now_ms()
+        )
     ctx.emit(outcome.as_json())
     if outcome.status == "reverted":
         raise Refused(f"Omise refused the refund ({outcome.failure_code}): {outcome.failure_message}")
@@ -399,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = cmd(sub, "topups", cmd_topups, "list top-ups (Omise charges and what became of them)")
     t.add_argument("--status", choices=("pending", "successful", "failed", "expired"))
     t.add_argument("--account")
-    cmd(sub, "sync-omise", cmd_sync_omise, "ask Omise about every pending top-up; credit or fail it").add_argument(
+    cmd(
+        sub, "sync-omise", cmd_sync_omise, "ask Omise about every pending top-up; credit or fail it"
+    ).add_argument(
         "--older-than", type=int, default=0, metavar="SECONDS", help="only top-ups pending this long"
     )
     rf = cmd(sub, "refund", cmd_refund, "refund a top-up bucket's unused credit through Omise")
@@ -429,7 +440,12 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     except ConfigError as exc:
         sys.stderr.write(f"ledger: {exc}\n")
         return EXIT_USAGE
-    ctx = Ctx(config=config, json=want_json, out=sys.stdout, environ=dict(os.environ if environ is None else environ))
+    ctx = Ctx(
+        config=config,
+        json=want_json,
+        out=sys.stdout,
+        environ=dict(os.environ if environ is None else environ),
+    )
     name = " ".join(x for x in (args.command, getattr(args, "sub", None)) if x)
     try:
         return asyncio.run(_run(args.fn, ctx, args))

@@ -1,9 +1,9 @@
 """A running gateway wired to the fake Omise on loopback, with one signed-in browser.
 
-    async with running_payments(redis_client, keyspace, tmp_path) as p:
-        r = await p.browser.post("/api/topups", json={...}, headers=p.csrf)
-        await p.webhook(charge_id)               # a signed charge.complete delivery
-        await p.reconciled()                     # drains the journal, asserts conservation
+async with running_payments(redis_client, keyspace, tmp_path) as p:
+    r = await p.browser.post("/api/topups", json={...}, headers=p.csrf)
+    await p.webhook(charge_id)               # a signed charge.complete delivery
+    await p.reconciled()                     # drains the journal, asserts conservation
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ class PaymentsGateway:
         out: dict[str, Any] = r.json()
         return out
 
-    async def webhook(self, charge_id: str, *, times: int = 1, concurrent: bool = False, **kw: Any) -> list[int]:
+    async def webhook(
+        self, charge_id: str, *, times: int = 1, concurrent: bool = False, **kw: Any
+    ) -> list[int]:
         kw.setdefault("sign_with", WEBHOOK_SECRET)
         return await self.fake.deliver_event(
             self.webhook_url, "charge.complete", charge_id, times=times, concurrent=concurrent, **kw

@@ -14,7 +14,7 @@ from ledger.keys import Keyspace, new_request_id, shard_of
 from ledger.ledger import DEFAULT_BUCKET_LIFE_S
 from tests.conftest import Clock
 from tests.fakes.omise import CARD_3DS, CARD_INSUFFICIENT, CARD_PENDING, CARD_SUCCESS
-from tests.payments_harness import WEBHOOK_SECRET, running_payments
+from tests.payments_harness import running_payments
 from tests.web_harness import redis_dump, running_web, sqlite_dump
 
 THB = 1_000_000
@@ -50,7 +50,10 @@ async def test_card_topup_credits_a_30_day_bucket_and_sends_satang_and_our_topup
         await p.w.drain()
         [row] = p.w.store.query("SELECT * FROM topups")
         assert (row["topup_id"], row["status"], row["amount_minor"], row["currency"]) == (
-            topup_id, "successful", 50_000, "thb",
+            topup_id,
+            "successful",
+            50_000,
+            "thb",
         )
         assert row["charge_id"] == p.charge_of(topup_id) and row["bucket_id"] == answer["bucket_id"]
         await p.reconciled()
@@ -235,9 +238,13 @@ async def test_refund_of_a_partly_used_bucket_pays_back_whole_satang_of_the_rest
         await ledger.reserve(p.account_id, req, 12_345_678)
         await ledger.settle(p.account_id, req, 12_345_678, metering={"request_id": req})
 
-        partial = await p.browser.post(f"/api/buckets/{bucket_id}/refund", json={"amount": "7.5"}, headers=p.csrf)
+        partial = await p.browser.post(
+            f"/api/buckets/{bucket_id}/refund", json={"amount": "7.5"}, headers=p.csrf
+        )
         assert partial.status == 200 and partial.json()["amount_micro"] == 7_500_000
-        assert partial.json()["status"] == "confirmed" and partial.json()["omise_refund_id"].startswith("rfnd_")
+        assert partial.json()["status"] == "confirmed" and partial.json()["omise_refund_id"].startswith(
+            "rfnd_"
+        )
         rest = await p.browser.post(f"/api/buckets/{bucket_id}/refund", headers=p.csrf)
         assert rest.status == 200 and rest.json()["amount_micro"] == 80_150_000
         charge = p.fake.charges[p.charge_of(answer["topup_id"])]
@@ -255,7 +262,10 @@ async def test_refund_of_a_partly_used_bucket_pays_back_whole_satang_of_the_rest
         assert sub_satang.status == 400
         await p.w.drain()
         rows = p.w.store.query("SELECT status, amount_micro, external_ref FROM refunds ORDER BY created_ms")
-        assert [(r["status"], r["amount_micro"]) for r in rows] == [("confirmed", 7_500_000), ("confirmed", 80_150_000)]
+        assert [(r["status"], r["amount_micro"]) for r in rows] == [
+            ("confirmed", 7_500_000),
+            ("confirmed", 80_150_000),
+        ]
         assert all(r["external_ref"].startswith("rfnd_") for r in rows)
         await p.reconciled()
 
@@ -329,13 +339,17 @@ async def test_refund_racing_with_spending_never_exceeds_the_bucket(
             except Exception:
                 return 0
             await asyncio.sleep(0.001 * (i % 3))
-            return (await ledger.settle(p.account_id, req, 15 * THB, metering={"request_id": req})).charged_micro
+            return (
+                await ledger.settle(p.account_id, req, 15 * THB, metering={"request_id": req})
+            ).charged_micro
 
         async def refund() -> int:
             r = await p.browser.post(f"/api/buckets/{answer['bucket_id']}/refund", headers=p.csrf)
             return int(r.json()["amount_micro"]) if r.status == 200 else 0
 
-        results = await asyncio.gather(*(spend(i) for i in range(8)), refund(), *(spend(i) for i in range(8, 12)))
+        results = await asyncio.gather(
+            *(spend(i) for i in range(8)), refund(), *(spend(i) for i in range(8, 12))
+        )
         spent = sum(results[:8]) + sum(results[9:])
         refunded = results[8]
         assert spent + refunded <= 100 * THB
@@ -359,7 +373,11 @@ async def test_sync_credits_a_paid_charge_whose_webhook_never_came_and_fails_an_
         report = await sync_pending(p.payments)
         assert (report.checked, report.credited, report.failed, report.still_pending) == (3, 1, 1, 1)
         statuses = {t["topup_id"]: t["status"] for t in (await p.browser.get("/api/topups")).json()["topups"]}
-        assert statuses == {paid["topup_id"]: "successful", lapsed["topup_id"]: "expired", waiting["topup_id"]: "pending"}
+        assert statuses == {
+            paid["topup_id"]: "successful",
+            lapsed["topup_id"]: "expired",
+            waiting["topup_id"]: "pending",
+        }
         assert (await p.account())["available_micro"] == 100 * THB
         # Nothing pending is older than a minute yet: the background pass would leave them alone.
         assert (await sync_pending(p.payments, older_than_s=60)).checked == 0
@@ -372,7 +390,9 @@ async def test_canary_card_number_and_holder_name_reach_no_store_and_no_log(
     canary_number, canary_name = "4532015112830366", "CANARY ZEBRAWOOD HOLDER"
     caplog.set_level(logging.DEBUG)
     async with running_payments(redis_client, clean_keyspace, tmp_path) as p:
-        first = await p.topup(150, token=p.fake.create_token(canary_number, name=canary_name, security_code="987"))
+        first = await p.topup(
+            150, token=p.fake.create_token(canary_number, name=canary_name, security_code="987")
+        )
         three_ds = await p.topup(
             120, token=p.fake.create_token(CARD_3DS, name=canary_name, security_code="987")
         )

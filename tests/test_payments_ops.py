@@ -44,14 +44,22 @@ async def test_topup_status_only_moves_forward_and_stays_tied_to_its_charge(ledg
     assert t.topup_id.startswith("top_") and shard_of(t.topup_id) == shard_of(acct)
     assert await ledger.update_topup(t.topup_id, "pending", charge_id="chrg_test_a") == ("ok", "pending")
     assert await ledger.update_topup(t.topup_id, "pending", charge_id="chrg_test_a") == ("same", "pending")
-    assert await ledger.update_topup(t.topup_id, "failed", charge_id="chrg_test_b") == ("mismatch", "chrg_test_a")
-    assert await ledger.update_topup(t.topup_id, "failed", charge_id="chrg_test_a", failure_code="x",
-                                     failure_message="declined") == ("ok", "failed")
+    assert await ledger.update_topup(t.topup_id, "failed", charge_id="chrg_test_b") == (
+        "mismatch",
+        "chrg_test_a",
+    )
+    assert await ledger.update_topup(
+        t.topup_id, "failed", charge_id="chrg_test_a", failure_code="x", failure_message="declined"
+    ) == ("ok", "failed")
     # A charge Omise settles after we gave up on it still credits; success is final.
     assert await ledger.update_topup(t.topup_id, "successful", bucket_id="bkt_1") == ("ok", "successful")
     assert await ledger.update_topup(t.topup_id, "expired") == ("same", "successful")
     after = await ledger.topup(t.topup_id)
-    assert after is not None and (after.status, after.bucket_id, after.failure_code) == ("successful", "bkt_1", "")
+    assert after is not None and (after.status, after.bucket_id, after.failure_code) == (
+        "successful",
+        "bkt_1",
+        "",
+    )
     assert await ledger.update_topup("top_00aaaaaaaaaaaaaaaaaa", "failed") == ("unknown", "")
     assert await ledger.pending_topups() == []
     closed, _ = await ledger.create_account("c@example.com")
@@ -66,13 +74,22 @@ async def test_topups_reach_sqlite_and_rebuild_restores_them(ledger: Ledger, tmp
     acct, _ = await ledger.create_account("r@example.com")
     paid = await ledger.create_topup(acct, 100 * THB, amount_minor=10_000, currency="thb", method="card")
     credit = await ledger.credit(acct, 100 * THB, reference="omise:chrg_test_paid", source="topup")
-    await ledger.update_topup(paid.topup_id, "successful", charge_id="chrg_test_paid", bucket_id=credit.bucket_id)
-    waiting = await ledger.create_topup(acct, 300 * THB, amount_minor=30_000, currency="thb", method="promptpay")
+    await ledger.update_topup(
+        paid.topup_id, "successful", charge_id="chrg_test_paid", bucket_id=credit.bucket_id
+    )
+    waiting = await ledger.create_topup(
+        acct, 300 * THB, amount_minor=30_000, currency="thb", method="promptpay"
+    )
     await ledger.update_topup(waiting.topup_id, "pending", charge_id="chrg_test_wait")
     await drain(ledger, store)
     rows = {r["topup_id"]: dict(r) for r in store.query("SELECT * FROM topups")}
-    assert rows[paid.topup_id]["status"] == "successful" and rows[paid.topup_id]["bucket_id"] == credit.bucket_id
-    assert rows[waiting.topup_id]["charge_id"] == "chrg_test_wait" and rows[waiting.topup_id]["method"] == "promptpay"
+    assert (
+        rows[paid.topup_id]["status"] == "successful" and rows[paid.topup_id]["bucket_id"] == credit.bucket_id
+    )
+    assert (
+        rows[waiting.topup_id]["charge_id"] == "chrg_test_wait"
+        and rows[waiting.topup_id]["method"] == "promptpay"
+    )
     before = {t.topup_id: t for t in await ledger.topups(acct)}
 
     await rebuild(ledger, store, force=True)
@@ -111,8 +128,14 @@ class Ops:
     async def run(self, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
         # A real subprocess; asynchronous, since the fake Omise it talks to runs on this loop.
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ledger", *args, cwd=ROOT, env=env or self.env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "ledger",
+            *args,
+            cwd=ROOT,
+            env=env or self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode is not None
@@ -138,7 +161,9 @@ async def ops(tmp_path: Path) -> AsyncIterator[Ops]:
     client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
     fake = FakeOmise()
     await fake.start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "DATABASE_", "LEDGER_", "OMISE_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "DATABASE_", "LEDGER_", "OMISE_"))
+    }
     env.update(
         REDIS_URL=REDIS_URL,
         DATABASE_PATH=str(tmp_path / "gateway.sqlite3"),
@@ -164,9 +189,13 @@ async def ops(tmp_path: Path) -> AsyncIterator[Ops]:
 
 async def test_topups_sync_omise_and_refund_from_the_cli_write_the_audit_log(ops: Ops) -> None:
     acct, _ = await ops.ledger.create_account("ops@example.com")
-    paid, _ = await ops.payments.start_topup(acct, 100 * THB, 10_000, token=ops.fake.create_token(CARD_PENDING))
+    paid, _ = await ops.payments.start_topup(
+        acct, 100 * THB, 10_000, token=ops.fake.create_token(CARD_PENDING)
+    )
     lapsed, _ = await ops.payments.start_topup(acct, 50 * THB, 5_000, token=None)
-    done, _ = await ops.payments.start_topup(acct, 200 * THB, 20_000, token=ops.fake.create_token(CARD_SUCCESS))
+    done, _ = await ops.payments.start_topup(
+        acct, 200 * THB, 20_000, token=ops.fake.create_token(CARD_SUCCESS)
+    )
     ops.fake.mark_paid(paid.charge_id)
     ops.fake.expire(lapsed.charge_id)
 
@@ -182,7 +211,10 @@ async def test_topups_sync_omise_and_refund_from_the_cli_write_the_audit_log(ops
     assert isinstance(rows, list)
     by_id = {r["topup_id"]: r for r in rows}
     assert by_id[paid.topup_id]["status"] == "successful"
-    assert by_id[lapsed.topup_id]["status"] == "expired" and by_id[lapsed.topup_id]["failure_code"] == "expired_charge"
+    assert (
+        by_id[lapsed.topup_id]["status"] == "expired"
+        and by_id[lapsed.topup_id]["failure_code"] == "expired_charge"
+    )
 
     bucket_id = by_id[done.topup_id]["bucket_id"]
     refund = await ops.ok("refund", bucket_id, "--amount", "25")

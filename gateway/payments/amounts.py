@@ -9,7 +9,7 @@ from ledger.money import MICRO
 
 from .. import errors as E
 
-__all__ = ["minor_per_unit", "micro_per_minor", "parse_topup_amount"]
+__all__ = ["micro_per_minor", "minor_per_unit", "parse_topup_amount"]
 
 # ISO 4217 currencies without a minor unit, as Omise charges them (JPY 500 is amount=500).
 _ZERO_DECIMAL: Final = frozenset({"jpy", "krw", "vnd"})

@@ -82,7 +82,7 @@ async def post_topups(request: web.Request) -> web.Response:
             raise E.BadRequest("'token' (from Omise.js) is required for a card top-up.", param="token")
         chosen = token
     else:
-        raise E.BadRequest("'method' must be \"card\" or \"promptpay\".", param="method")
+        raise E.BadRequest('\'method\' must be "card" or "promptpay".', param="method")
     topup, charge = await payments.start_topup(account_id, micro, minor, token=chosen)
     return json_response(topup_answer(payments, topup, charge), status=201)
 

@@ -29,6 +29,7 @@ __all__ = ["page_routes", "refundable_micro"]
 EXPIRY_WARNING_MS: Final = 7 * 24 * 3600 * 1000
 # Read once at import: no file I/O on the event loop per request.
 _SCRIPT: Final = (Path(__file__).with_name("static") / "topup.js").read_bytes()
+_SOURCES: Final = {"topup": "Top-up", "trial": "Trial credit", "grant": "Grant"}
 _STATUS_TEXT: Final = {
     "pending": "Waiting for payment",
     "successful": "Paid",
@@ -55,7 +56,9 @@ def _csp(settings: Settings) -> str:
     )
 
 
-async def _page(request: web.Request, title: str, body: str, *, status: int = 200, refresh_s: int = 0) -> web.Response:
+async def _page(
+    request: web.Request, title: str, body: str, *, status: int = 200, refresh_s: int = 0
+) -> web.Response:
     csrf = await csrf_token(request)
     page = layout(title, body, signed_in=True, csrf=csrf, active="/topup")
     if refresh_s:
@@ -98,10 +101,10 @@ def _topup_form(settings: Settings, currency: str) -> str:
         '<section class="card" aria-labelledby="topup-h"><h2 id="topup-h">Buy credit</h2>'
         f'<form id="topup-form" data-public-key="{esc(settings.omise_public_key)}" data-currency="{esc(currency)}" '
         f'data-min="{settings.topup_min}" data-max="{settings.topup_max}">'
-        f"<fieldset><legend>Amount ({esc(currency)})</legend>{presets}"
+        f"<fieldset><legend>Amount ({esc(currency)})</legend>{presets}<br>"
         f'<label for="custom-amount">Other amount ({settings.topup_min} to {settings.topup_max})</label> '
         f'<input id="custom-amount" inputmode="decimal" autocomplete="off"></fieldset>'
-        '<fieldset><legend>Card</legend>'
+        "<fieldset><legend>Card</legend>"
         '<label for="card-name">Name on card</label> <input id="card-name" autocomplete="cc-name"><br>'
         '<label for="card-number">Card number</label> <input id="card-number" inputmode="numeric" autocomplete="cc-number"><br>'
         '<label for="card-exp-month">Expiry month</label> <input id="card-exp-month" inputmode="numeric" size="2" autocomplete="cc-exp-month"> '
@@ -113,7 +116,7 @@ def _topup_form(settings: Settings, currency: str) -> str:
         '<p id="topup-status" role="status" aria-live="polite"></p>'
         '<div id="promptpay-qr" hidden><p>Scan with your banking app; this page updates when the payment arrives.</p>'
         '<img id="qr-image" alt="PromptPay QR code" width="240" height="240"></div>'
-        "<p class=\"muted\">Card details go straight to Omise (Opn Payments); we never see or store them. "
+        '<p class="muted">Card details go straight to Omise (Opn Payments); we never see or store them. '
         "Each top-up becomes a credit bucket that expires 30 days later. Unused credit is refundable "
         "until then.</p></section>"
     )
@@ -140,7 +143,7 @@ def _buckets(buckets: list[BucketInfo], now: int, currency: str, csrf: str) -> s
             action = "Used up"
         state = "expired" if expired else "expires soon" if soon else "active"
         rows.append(
-            f'<tr id="bucket-{esc(b.bucket_id)}" class="{state.replace(" ", "-")}"><td>{esc(b.source)}</td>'
+            f'<tr id="bucket-{esc(b.bucket_id)}" class="{state.replace(" ", "-")}"><td>{esc(_SOURCES.get(b.source, b.source))}</td>'
             f'<td class="num">{money(b.amount_micro, currency)}</td>'
             f'<td class="num remaining">{money(0 if expired else b.remaining_micro, currency)}</td>'
             f"<td>{date_of(iso_ms(b.expires_at))}</td><td>{esc(state)}</td><td>{action}</td></tr>"
@@ -200,7 +203,7 @@ async def topup_page(request: web.Request) -> web.Response:
         body = _not_configured()
     else:
         body = (
-            f'<h1>Top up</h1>{_warnings(buckets, now, cur)}{_topup_form(settings, cur)}'
+            f"<h1>Top up</h1>{_warnings(buckets, now, cur)}{_topup_form(settings, cur)}"
             f'<script src="{esc(omise_js_url(settings))}"></script>'
             '<script src="/payments/topup.js" defer></script>'
         )
@@ -245,7 +248,9 @@ async def return_page(request: web.Request) -> web.Response:
         )
         return await _page(request, "Top-up successful", body)
     if topup.status == "pending":
-        qr_html = f'<p><img src="{esc(qr)}" alt="PromptPay QR code" width="240" height="240"></p>' if qr else ""
+        qr_html = (
+            f'<p><img src="{esc(qr)}" alt="PromptPay QR code" width="240" height="240"></p>' if qr else ""
+        )
         body = (
             f'<section class="card" role="status"><h1 id="topup-outcome" data-status="pending">Waiting for the payment</h1>'
             f"<p>Your top-up of {amount} is not confirmed yet. This page checks again every few seconds.</p>"
@@ -273,7 +278,9 @@ async def refund_form(request: web.Request) -> web.Response:
         if not payments.enabled:
             raise E.ServiceUnavailable("Refunds are not configured on this server (Omise keys are not set).")
         amount = parse_refund_amount(str(data.get("amount", "")) or None)
-        outcome = await payments.refund_bucket(account_id, request.match_info["bucket_id"], amount_micro=amount)
+        outcome = await payments.refund_bucket(
+            account_id, request.match_info["bucket_id"], amount_micro=amount
+        )
     except (LE.LedgerError, E.GatewayError) as err:
         return _error_page(err)
     cur = payments.currency
@@ -295,7 +302,7 @@ async def refund_form(request: web.Request) -> web.Response:
     body = (
         f'<section class="card" role="alert"><h1 id="refund-outcome" data-status="reverted">Refund refused</h1>'
         f'<p>Omise refused the refund: <span id="failure-message">{esc(outcome.failure_message)}</span> '
-        f'(<code>{esc(outcome.failure_code)}</code>). Your credit is back in its bucket.</p>{back}</section>'
+        f"(<code>{esc(outcome.failure_code)}</code>). Your credit is back in its bucket.</p>{back}</section>"
     )
     return await _page(request, "Refund refused", body, status=409)
 

@@ -260,7 +260,9 @@ class Payments:
         for _ in range(3):  # spending may shrink the bucket between the read and the take
             want = amount_micro if amount_micro is not None else (bucket.remaining_micro // per) * per
             if want <= 0:
-                raise LE.NotRefundable("Nothing refundable is left in this bucket (consumed credit is not refundable).")
+                raise LE.NotRefundable(
+                    "Nothing refundable is left in this bucket (consumed credit is not refundable)."
+                )
             try:
                 taken = await self.ledger.refund(owner, bucket_id, refund_id=refund_id, amount_micro=want)
                 break
@@ -287,7 +289,13 @@ class Payments:
             await self.ledger.finish_refund(owner, refund_id, ok=False, external_ref=f"error:{err.code}")
             log.info("refund %s refused by Omise (%s); credit put back", refund_id, err.code)
             return RefundOutcome(
-                refund_id, bucket_id, taken, minor, "reverted", failure_code=err.code, failure_message=err.message
+                refund_id,
+                bucket_id,
+                taken,
+                minor,
+                "reverted",
+                failure_code=err.code,
+                failure_message=err.message,
             )
         await self.ledger.finish_refund(owner, refund_id, ok=True, external_ref=refund.id)
         log.info("refund %s confirmed: %d minor units of charge %s", refund_id, minor, charge_id)

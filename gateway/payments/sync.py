@@ -89,7 +89,9 @@ async def sync_pending(
             report.failed += 1
         else:
             report.still_pending += 1
-        report.topups.append({"topup_id": after.topup_id, "status": after.status, "charge_id": after.charge_id})
+        report.topups.append(
+            {"topup_id": after.topup_id, "status": after.status, "charge_id": after.charge_id}
+        )
     if store is not None:
         cutoff = ledger.now_ms() - older_than_s * 1000
         rows = await asyncio.to_thread(
