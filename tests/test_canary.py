@@ -55,7 +55,9 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> Iterator[Records]:
         caplog.set_level(logging.DEBUG, logger=name)
     handler = Records()
     loggers = [logging.getLogger()] + [
-        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger) and not lg.propagate
+        lg
+        for lg in logging.root.manager.loggerDict.values()
+        if isinstance(lg, logging.Logger) and not lg.propagate
     ]
     for lg in loggers:
         lg.addHandler(handler)
@@ -81,19 +83,28 @@ def openai_body(c: str, model: str, *, stream: bool) -> dict[str, Any]:
                 "role": "assistant",
                 "content": None,
                 "tool_calls": [
-                    {"id": "call_1", "type": "function",
-                     "function": {"name": "lookup", "arguments": orjson.dumps({"q": c}).decode()}}
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "lookup", "arguments": orjson.dumps({"q": c}).decode()},
+                    }
                 ],
             },
             {"role": "tool", "tool_call_id": "call_1", "content": f"found {c}"},
             {"role": "user", "content": [{"type": "text", "text": f"Again: {c}"}]},
         ],
         "tools": [
-            {"type": "function", "function": {
-                "name": "lookup",
-                "description": f"Looks up {c}.",
-                "parameters": {"type": "object", "properties": {"q": {"type": "string", "description": c}}},
-            }}
+            {
+                "type": "function",
+                "function": {
+                    "name": "lookup",
+                    "description": f"Looks up {c}.",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"q": {"type": "string", "description": c}},
+                    },
+                },
+            }
         ],
     }
 
@@ -106,24 +117,37 @@ def anthropic_body(c: str, model: str, *, stream: bool) -> dict[str, Any]:
         "system": [{"type": "text", "text": f"You are the {c} assistant."}],
         "messages": [
             {"role": "user", "content": f"Look up {c}."},
-            {"role": "assistant", "content": [
-                {"type": "text", "text": f"Looking up {c}."},
-                {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": c}},
-            ]},
-            {"role": "user", "content": [
-                {"type": "tool_result", "tool_use_id": "toolu_1", "content": f"found {c}"},
-                {"type": "text", "text": f"Again: {c}"},
-            ]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": f"Looking up {c}."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": c}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": f"found {c}"},
+                    {"type": "text", "text": f"Again: {c}"},
+                ],
+            },
         ],
         "tools": [
-            {"name": "lookup", "description": f"Looks up {c}.",
-             "input_schema": {"type": "object", "properties": {"q": {"type": "string", "description": c}}}}
+            {
+                "name": "lookup",
+                "description": f"Looks up {c}.",
+                "input_schema": {"type": "object", "properties": {"q": {"type": "string", "description": c}}},
+            }
         ],
     }
 
 
 def body_for(fmt: str, c: str, model: str, *, stream: bool) -> dict[str, Any]:
-    return anthropic_body(c, model, stream=stream) if fmt == "anthropic" else openai_body(c, model, stream=stream)
+    return (
+        anthropic_body(c, model, stream=stream)
+        if fmt == "anthropic"
+        else openai_body(c, model, stream=stream)
+    )
 
 
 def reply(c: str) -> Script:
@@ -156,7 +180,13 @@ class Client:
         self.received = b""
 
     async def send(
-        self, fmt: str, key: str, payload: dict[str, Any] | bytes, *, path: str | None = None, billed: bool,
+        self,
+        fmt: str,
+        key: str,
+        payload: dict[str, Any] | bytes,
+        *,
+        path: str | None = None,
+        billed: bool,
         hang_up_after: int | None = None,
     ) -> int:
         data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
@@ -210,7 +240,10 @@ async def exercise(gw: Gateway, fake: FakeUpstream, c: str) -> Client:
         bad = body_for(fmt, c, model, stream=False)
         bad["max_tokens"] = -1
         assert await client.send(fmt, key, bad, billed=False) == 400
-        assert await client.send(fmt, key, b'{"model": "' + c.encode() + b'", "messages": [', billed=False) == 400
+        assert (
+            await client.send(fmt, key, b'{"model": "' + c.encode() + b'", "messages": [', billed=False)
+            == 400
+        )
         assert await client.send(fmt, key, orjson.dumps([c]), billed=False) == 400
         assert await client.send(fmt, key, {"model": model, "messages": [c]}, billed=False) == 400
         assert await client.send(fmt, key, body_for(fmt, c, c, stream=True), billed=False) == 404
@@ -219,17 +252,26 @@ async def exercise(gw: Gateway, fake: FakeUpstream, c: str) -> Client:
         big["messages"][0]["content"] = c * 3000
         assert await client.send(fmt, key, big, billed=False) == 413
     count = "/v1/messages/count_tokens"
-    assert await client.send("anthropic", key, anthropic_body(c, "claude-test", stream=False), path=count,
-                             billed=False) == 200
-    assert await client.send("anthropic", key, anthropic_body(c, c, stream=False), path=count, billed=False) == 404
-    assert await client.send("anthropic", key, b'{"messages": "' + c.encode(), path=count, billed=False) == 400
+    assert (
+        await client.send(
+            "anthropic", key, anthropic_body(c, "claude-test", stream=False), path=count, billed=False
+        )
+        == 200
+    )
+    assert (
+        await client.send("anthropic", key, anthropic_body(c, c, stream=False), path=count, billed=False)
+        == 404
+    )
+    assert (
+        await client.send("anthropic", key, b'{"messages": "' + c.encode(), path=count, billed=False) == 400
+    )
     return client
 
 
 # ----- where it must not be -----------------------------------------------------------------------------
 
 
-async def redis_dump(client: aioredis.Redis) -> list[bytes]:
+async def redis_dump(client: Any) -> list[bytes]:  # decoded or raw replies alike
     """Every key of the database and its whole value, read by type."""
     out: list[bytes] = []
 
@@ -282,8 +324,10 @@ def record_text(record: logging.LogRecord) -> str:
 
 async def settled_without_draining(gw: Gateway) -> None:
     """Wait for every settlement to land in Redis, leaving the journal streams undrained."""
+    live: dict[str, str] = gw.app[PROXY].live
+    background = gw.app[BACKGROUND]
     async with asyncio.timeout(10):
-        while gw.app[PROXY].live or gw.app[BACKGROUND]:
+        while live or background:
             await asyncio.sleep(0.02)
 
 
@@ -302,7 +346,12 @@ async def test_canary_is_found_in_no_log_redis_key_sqlite_row_file_or_metric(
     raw_redis = aioredis.Redis.from_url(REDIS_URL) if redis_kind == "redis" else redis_client
     try:
         async with running_gateway(
-            redis_client, clean_keyspace, tmp_path, fake, upstream_idle_timeout_s=0.5, max_body_bytes=64 * 1024
+            redis_client,
+            clean_keyspace,
+            tmp_path,
+            fake,
+            upstream_idle_timeout_s=0.5,
+            max_body_bytes=64 * 1024,
         ) as gw:
             client = await exercise(gw, fake, c)
             # The canary did flow: the upstream got it, the client got the upstream's copy of it back.
@@ -310,15 +359,24 @@ async def test_canary_is_found_in_no_log_redis_key_sqlite_row_file_or_metric(
             assert len(fake.requests) == len(client.billed)
             assert client.received.count(cb) > len(ROUTES)
             await settled_without_draining(gw)
-            assert await redis_client.xlen(clean_keyspace.journal(0)) + sum(
-                [await redis_client.xlen(clean_keyspace.journal(s)) for s in range(1, clean_keyspace.shards)]
-            ) > 0
+            assert (
+                await redis_client.xlen(clean_keyspace.journal(0))
+                + sum(
+                    [
+                        await redis_client.xlen(clean_keyspace.journal(s))
+                        for s in range(1, clean_keyspace.shards)
+                    ]
+                )
+                > 0
+            )
             before_drain = await redis_dump(raw_redis)
             assert any(clean_keyspace.prefix.encode() in k for k in before_drain)
             assert not [v for v in before_drain if cb in v], "canary in Redis (journal not yet drained)"
             rows = await gw.settled(len(client.billed))
             assert sorted(r["request_id"] for r in rows) == sorted(client.billed)
-            assert {"ok", "upstream_error", "upstream_timeout", "client_disconnect"} <= {r["status"] for r in rows}
+            assert {"ok", "upstream_error", "upstream_timeout", "client_disconnect"} <= {
+                r["status"] for r in rows
+            }
             assert not [v for v in await redis_dump(raw_redis) if cb in v], "canary in Redis"
             assert not [r for r in sqlite_dump(gw.settings.database_path) if c in r], "canary in SQLite"
             async with gw.http.get(gw.url + "/metrics") as r:

@@ -36,7 +36,12 @@ ROUTES = [
     ("anthropic", "gpt-test"),
     ("openai", "claude-test"),
 ]
-ROUTE_IDS = ["openai-same", "anthropic-same", "anthropic-client-openai-upstream", "openai-client-anthropic-upstream"]
+ROUTE_IDS = [
+    "openai-same",
+    "anthropic-same",
+    "anthropic-client-openai-upstream",
+    "openai-client-anthropic-upstream",
+]
 FUNDS = 100_000_000  # funded_key(100)
 
 
@@ -107,7 +112,9 @@ def assert_error_body(fmt: str, body: dict[str, Any]) -> dict[str, Any]:
 def row_charge(model: str, row: dict[str, Any]) -> int:
     """What the price table makes of the counts in a metering row (miss includes cache writes)."""
     write = row["cache_write_tokens"] or 0
-    usage = Usage(row["input_cache_hit_tokens"], row["input_cache_miss_tokens"] - write, row["output_tokens"], write)
+    usage = Usage(
+        row["input_cache_hit_tokens"], row["input_cache_miss_tokens"] - write, row["output_tokens"], write
+    )
     return charge_micro(usage, **PRICES[model])
 
 
@@ -170,6 +177,26 @@ async def test_client_disconnect_cancels_upstream_and_charges_what_was_produced(
     await assert_books(gw, key, row["charge_micro"])
 
 
+@pytest.mark.parametrize("fmt", ["openai", "anthropic"])
+async def test_client_giving_up_before_the_first_byte_cancels_upstream_and_charges_nothing(
+    gw: Gateway, fake: FakeUpstream, fmt: str
+) -> None:
+    fake.script = Script(first_byte_delay_s=1.5)
+    key = await gw.funded_key(100)
+    model = "gpt-test" if fmt == "openai" else "claude-test"
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await gw.http.post(
+                gw.url + path_for(fmt), json=body_for(fmt, model, stream=True), headers=headers_for(fmt, key)
+            )
+    await fake.wait_disconnects(1, timeout=1.0)  # the upstream request went with it, not 1.5 s later
+    rows = await gw.settled()
+    assert [(r["status"], r["charge_micro"], r["output_tokens"]) for r in rows] == [
+        ("client_disconnect", 0, 0)
+    ]
+    await assert_books(gw, key, 0)
+
+
 # ----- upstream dies mid-stream --------------------------------------------------------------------
 
 
@@ -215,7 +242,9 @@ async def test_upstream_error_status_reaches_the_client_in_its_format_and_charge
             headers = (("retry-after", "7"),) if up_status == 429 else ()
             fake.enqueue(Script(status=up_status, error_message="upstream says no", error_headers=headers))
             async with gw.http.post(
-                gw.url + path_for(fmt), json=body_for(fmt, model, stream=stream), headers=headers_for(fmt, key)
+                gw.url + path_for(fmt),
+                json=body_for(fmt, model, stream=stream),
+                headers=headers_for(fmt, key),
             ) as r:
                 assert r.status == client_status, (up_status, stream)
                 assert r.content_type == "application/json"
@@ -241,7 +270,9 @@ async def test_upstream_error_status_reaches_the_client_in_its_format_and_charge
 
 
 @pytest.mark.parametrize("fmt", ["openai", "anthropic"])
-async def test_unreachable_upstream_is_502_and_charges_nothing(gw: Gateway, fake: FakeUpstream, fmt: str) -> None:
+async def test_unreachable_upstream_is_502_and_charges_nothing(
+    gw: Gateway, fake: FakeUpstream, fmt: str
+) -> None:
     key = await gw.funded_key(100)
     await fake.close()  # the port is closed now: connection refused
     model = "gpt-test" if fmt == "openai" else "claude-test"
@@ -253,15 +284,24 @@ async def test_unreachable_upstream_is_502_and_charges_nothing(gw: Gateway, fake
         assert err["type"] == "api_error" if fmt == "anthropic" else err["code"] == "upstream_error"
         request_id = r.headers["x-request-id"]
     rows = await gw.settled()
-    assert [(x["request_id"], x["status"], x["charge_micro"]) for x in rows] == [(request_id, "upstream_error", 0)]
+    assert [(x["request_id"], x["status"], x["charge_micro"]) for x in rows] == [
+        (request_id, "upstream_error", 0)
+    ]
     await assert_books(gw, key, 0)
 
 
 @pytest.mark.parametrize(("fmt", "model"), ROUTES, ids=ROUTE_IDS)
 async def test_upstream_that_never_answers_is_504_after_the_idle_timeout(
-    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, fake: FakeUpstream, fmt: str, model: str
+    redis_client: aioredis.Redis,
+    clean_keyspace: Keyspace,
+    tmp_path: Path,
+    fake: FakeUpstream,
+    fmt: str,
+    model: str,
 ) -> None:
-    async with running_gateway(redis_client, clean_keyspace, tmp_path, fake, upstream_idle_timeout_s=0.5) as gw:
+    async with running_gateway(
+        redis_client, clean_keyspace, tmp_path, fake, upstream_idle_timeout_s=0.5
+    ) as gw:
         key = await gw.funded_key(100)
         ids = []
         for script in (Script(hang=True), Script(first_byte_delay_s=3.0)):
@@ -285,9 +325,16 @@ async def test_upstream_that_never_answers_is_504_after_the_idle_timeout(
 
 @pytest.mark.parametrize(("fmt", "model"), ROUTES, ids=ROUTE_IDS)
 async def test_upstream_stall_mid_stream_ends_with_an_error_event_and_upstream_timeout(
-    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, fake: FakeUpstream, fmt: str, model: str
+    redis_client: aioredis.Redis,
+    clean_keyspace: Keyspace,
+    tmp_path: Path,
+    fake: FakeUpstream,
+    fmt: str,
+    model: str,
 ) -> None:
-    async with running_gateway(redis_client, clean_keyspace, tmp_path, fake, upstream_idle_timeout_s=0.5) as gw:
+    async with running_gateway(
+        redis_client, clean_keyspace, tmp_path, fake, upstream_idle_timeout_s=0.5
+    ) as gw:
         fake.script = Script(text="one two three four five six seven eight", text_chunks=8, stall_after=5)
         key = await gw.funded_key(100)
         t0 = time.monotonic()
@@ -356,13 +403,18 @@ async def test_reservation_of_a_dead_gateway_is_released_by_the_worker_after_its
         assert ref is not None
         # What a gateway that crashed mid-request leaves behind: a hold nobody will settle or extend.
         dead = new_request_id()
-        held = await gw.ledger.reserve(ref.account_id, dead, 5_000_000, key_id=ref.key_id, concurrency_limit=1)
+        held = await gw.ledger.reserve(
+            ref.account_id, dead, 5_000_000, key_id=ref.key_id, concurrency_limit=1
+        )
         assert held == 5_000_000
         bal = await gw.ledger.balance(ref.account_id)
         assert (bal.available_micro, bal.reserved_micro) == (FUNDS - held, held)
         # It holds the key's only slot, so the user is refused meanwhile...
-        async with gw.http.post(gw.url + path_for("openai"), json=body_for("openai", "gpt-test", stream=False),
-                                headers=headers_for("openai", key)) as r:
+        async with gw.http.post(
+            gw.url + path_for("openai"),
+            json=body_for("openai", "gpt-test", stream=False),
+            headers=headers_for("openai", key),
+        ) as r:
             assert r.status == 429
         # ... and before its deadline the sweep leaves it alone (a live stream looks the same).
         assert await gw.ledger.release_stale() == 0
@@ -379,13 +431,16 @@ async def test_reservation_of_a_dead_gateway_is_released_by_the_worker_after_its
             stop.set()
             await task
         await assert_books(gw, key, 0)
-        rows = await asyncio.to_thread(
+        held_rows = await asyncio.to_thread(
             gw.store.query, "SELECT status, reason FROM reservations WHERE request_id = ?", (dead,)
         )
-        assert [tuple(r) for r in rows] == [("released", "abandoned")]
+        assert [tuple(r) for r in held_rows] == [("released", "abandoned")]
         # The slot is free again.
-        async with gw.http.post(gw.url + path_for("openai"), json=body_for("openai", "gpt-test", stream=False),
-                                headers=headers_for("openai", key)) as r:
+        async with gw.http.post(
+            gw.url + path_for("openai"),
+            json=body_for("openai", "gpt-test", stream=False),
+            headers=headers_for("openai", key),
+        ) as r:
             assert r.status == 200
         rows = await gw.settled()
         await assert_books(gw, key, rows[0]["charge_micro"])
@@ -420,8 +475,11 @@ async def test_shutdown_lets_an_in_flight_stream_finish_and_settles_it(
     async with aiohttp.ClientSession() as client:
 
         async def stream(gw: Gateway, key: str) -> tuple[int, str, bytes]:
-            async with client.post(gw.url + path_for("openai"), json=body_for("openai", "gpt-test", stream=True),
-                                   headers=headers_for("openai", key)) as r:
+            async with client.post(
+                gw.url + path_for("openai"),
+                json=body_for("openai", "gpt-test", stream=True),
+                headers=headers_for("openai", key),
+            ) as r:
                 first = await r.content.readany()
                 started.set()
                 return r.status, r.headers["x-request-id"], first + await r.read()
@@ -447,9 +505,11 @@ async def test_shutdown_past_the_grace_period_cuts_the_stream_and_still_settles_
     async with aiohttp.ClientSession() as client:
 
         async def stream(gw: Gateway, key: str) -> tuple[str, bytes, bool]:
-            async with client.post(gw.url + path_for("anthropic"),
-                                   json=body_for("anthropic", "claude-test", stream=True),
-                                   headers=headers_for("anthropic", key)) as r:
+            async with client.post(
+                gw.url + path_for("anthropic"),
+                json=body_for("anthropic", "claude-test", stream=True),
+                headers=headers_for("anthropic", key),
+            ) as r:
                 got = await r.content.readany()
                 started.set()
                 try:
@@ -478,26 +538,37 @@ async def test_shutdown_past_the_grace_period_cuts_the_stream_and_still_settles_
 # ----- request ids ---------------------------------------------------------------------------------------
 
 
-async def test_every_response_carries_the_request_id_of_its_metering_row(gw: Gateway, fake: FakeUpstream) -> None:
+async def test_every_response_carries_the_request_id_of_its_metering_row(
+    gw: Gateway, fake: FakeUpstream
+) -> None:
     key = await gw.funded_key(100)
     broke = await gw.funded_key(None, email="broke@example.com")
     billed: list[str] = []  # responses that reached the upstream: each has its metering row
     for fmt, model in ROUTES:
         for stream in (True, False):
-            async with gw.http.post(gw.url + path_for(fmt), json=body_for(fmt, model, stream=stream),
-                                    headers=headers_for(fmt, key)) as r:
+            async with gw.http.post(
+                gw.url + path_for(fmt),
+                json=body_for(fmt, model, stream=stream),
+                headers=headers_for(fmt, key),
+            ) as r:
                 assert r.status == 200
                 await r.read()
                 billed.append(r.headers["x-request-id"])
     fake.enqueue(Script(status=500), Script(die_after=3))
     for _ in range(2):
-        async with gw.http.post(gw.url + path_for("openai"), json=body_for("openai", "gpt-test", stream=True),
-                                headers=headers_for("openai", key)) as r:
+        async with gw.http.post(
+            gw.url + path_for("openai"),
+            json=body_for("openai", "gpt-test", stream=True),
+            headers=headers_for("openai", key),
+        ) as r:
             await r.read()
             billed.append(r.headers["x-request-id"])
     fake.script = Script(text_chunks=20, chunk_delay_s=0.05)
-    async with gw.http.post(gw.url + path_for("anthropic"), json=body_for("anthropic", "claude-test", stream=True),
-                            headers=headers_for("anthropic", key)) as r:
+    async with gw.http.post(
+        gw.url + path_for("anthropic"),
+        json=body_for("anthropic", "claude-test", stream=True),
+        headers=headers_for("anthropic", key),
+    ) as r:
         billed.append(r.headers["x-request-id"])
         await read_some_then_hang_up(r, 3)
     # Refused before any credit was held: an id still, and no row.
@@ -505,10 +576,27 @@ async def test_every_response_carries_the_request_id_of_its_metering_row(gw: Gat
     cases: list[tuple[str, str, dict[str, str], Any, int]] = [
         ("POST", "/v1/chat/completions", headers_for("openai", key), {"model": "gpt-test"}, 400),
         ("POST", "/v1/messages", {}, body_for("anthropic", "claude-test", stream=False), 401),
-        ("POST", "/v1/chat/completions", headers_for("openai", broke), body_for("openai", "gpt-test", stream=False), 402),
-        ("POST", "/v1/messages", headers_for("anthropic", key), body_for("anthropic", "nope", stream=False), 404),
-        ("POST", "/v1/messages/count_tokens", headers_for("anthropic", key),
-         {"model": "claude-test", "messages": [{"role": "user", "content": "hi"}]}, 200),
+        (
+            "POST",
+            "/v1/chat/completions",
+            headers_for("openai", broke),
+            body_for("openai", "gpt-test", stream=False),
+            402,
+        ),
+        (
+            "POST",
+            "/v1/messages",
+            headers_for("anthropic", key),
+            body_for("anthropic", "nope", stream=False),
+            404,
+        ),
+        (
+            "POST",
+            "/v1/messages/count_tokens",
+            headers_for("anthropic", key),
+            {"model": "claude-test", "messages": [{"role": "user", "content": "hi"}]},
+            200,
+        ),
         ("GET", "/v1/models", headers_for("openai", key), None, 200),
         ("GET", "/v1/balance", headers_for("openai", key), None, 200),
         ("GET", "/healthz", {}, None, 200),
@@ -533,7 +621,9 @@ async def test_concurrent_streams_never_overdraw_and_every_charge_is_accounted(
     redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, fake: FakeUpstream
 ) -> None:
     async with running_gateway(redis_client, clean_keyspace, tmp_path, fake, key_concurrency_limit=100) as gw:
-        fake.script = Script(text_chunks=8, chunk_delay_s=0.02, usage=FakeUsage(input_cache_miss=20, output=200))
+        fake.script = Script(
+            text_chunks=8, chunk_delay_s=0.02, usage=FakeUsage(input_cache_miss=20, output=200)
+        )
         key = await gw.funded_key(None)
         account = await gw.account_of(key)
         # Each request holds ~4.9k micro (its input plus 400 output tokens at 12/1M) and costs 2,460.
@@ -551,8 +641,11 @@ async def test_concurrent_streams_never_overdraw_and_every_charge_is_accounted(
 
         async def one(i: int) -> tuple[int, str]:
             fmt, model = ("openai", "gpt-test") if i % 2 else ("anthropic", "gpt-test")
-            async with gw.http.post(gw.url + path_for(fmt), json=body_for(fmt, model, stream=True, max_tokens=400),
-                                    headers=headers_for(fmt, key)) as r:
+            async with gw.http.post(
+                gw.url + path_for(fmt),
+                json=body_for(fmt, model, stream=True, max_tokens=400),
+                headers=headers_for(fmt, key),
+            ) as r:
                 raw = await r.read()
                 if r.status == 200:
                     assert b"error" not in raw
