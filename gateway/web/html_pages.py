@@ -103,7 +103,8 @@ def overview_body(view: dict[str, Any], key_count: int) -> str:
         '<section class="card balance"><h2>Available balance</h2>'
         f'<p class="big" id="available">{money(view["available_micro"], cur)}</p>'
         f'<p class="muted">Held by requests in progress: {money(view["reserved_micro"], cur)}</p>'
-        f"{keys_hint}</section>"
+        f"{keys_hint}"
+        '<p><a class="button" id="topup-link" href="/topup">Top up or refund</a></p></section>'
         f'<section class="card"><h2>Credit</h2>{_buckets_table(view)}'
         f'<p class="muted">Each top-up is a bucket that expires {BUCKET_LIFE_DAYS} days after it was bought.</p>'
         "</section>"
@@ -231,7 +232,8 @@ def account_body(view: dict[str, Any], csrf: str) -> str:
         "<li>Your email and Google account identifier are erased. Transaction and metering records are kept "
         "for accounting, under the account id only.</li>"
         f"<li><strong>Remaining credit ({money(view['available_micro'], cur)}) is forfeited.</strong> Unused "
-        "top-up credit is refundable before it expires: ask for a refund <em>before</em> you close.</li>"
+        "top-up credit is refundable before it expires: ask for a refund on the "
+        '<a href="/topup" id="refund-first">Top up</a> page <em>before</em> you close.</li>'
         "<li>Export your usage first if you want to keep it. Signing in again later makes a new, empty account.</li></ul>"
         f'<form method="post" action="/account/close">{hidden_csrf(csrf)}'
         '<p><input type="checkbox" id="confirm" name="confirm" value="yes" required> '

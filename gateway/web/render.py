@@ -27,7 +27,13 @@ _CSP = (
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 
-_NAV = (("/", "Overview"), ("/keys", "API keys"), ("/usage", "Usage"), ("/account", "Account"))
+_NAV = (
+    ("/", "Overview"),
+    ("/topup", "Top up"),
+    ("/keys", "API keys"),
+    ("/usage", "Usage"),
+    ("/account", "Account"),
+)
 
 
 def esc(value: object) -> str:
