@@ -135,6 +135,7 @@ async def _on_shutdown(app: web.Application) -> None:
     proxy = app.get(PROXY)
     if proxy is None:
         return
+    proxy.shutting_down = True
     deadline = asyncio.get_running_loop().time() + app[SETTINGS].shutdown_grace_s
     while proxy.live and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)

@@ -129,6 +129,9 @@ class Proxy:
             sock_read=settings.upstream_idle_timeout_s,
         )
         self.internal_token = ""  # the demo model's loopback credential, set by the app
+        # Set when the server shuts down: a stream cancelled then is recorded as cut by us, not by the
+        # client, so a disputed charge can be told apart.
+        self.shutting_down = False
 
     # ----- request intake ----------------------------------------------------------------------
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -237,7 +240,7 @@ class Proxy:
         try:
             return await self._forward(request, ex, body)
         except asyncio.CancelledError:
-            ex.status = "client_disconnect"
+            ex.status = "shutdown" if self.shutting_down else "client_disconnect"
             raise
         except E.BadRequest:
             # A field the upstream's format cannot carry, refused by the translator before anything
