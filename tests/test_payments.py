@@ -416,3 +416,30 @@ async def test_canary_card_number_and_holder_name_reach_no_store_and_no_log(
             assert not any(canary in v for v in stored), f"{canary} stored"
             assert not any(canary in line for line in logged), f"{canary} logged"
         assert len(stored) > 50 and any(first["topup_id"] in v for v in stored)
+
+
+async def test_closing_the_account_refunds_unused_topup_credit_first(
+    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path
+) -> None:
+    async with running_payments(redis_client, clean_keyspace, tmp_path) as p:
+        answer = await p.topup(300, token=p.fake.create_token(CARD_SUCCESS))
+        await p.w.ledger.credit(p.account_id, 5 * THB, reference="support-grant", source="grant")
+        charge_id = p.charge_of(answer["topup_id"])
+
+        # Omise refuses: the account stays open and nothing moves.
+        p.fake.fail_next_refund("failed_refund", "charge can't be refunded")
+        r = await p.browser.post("/api/account/close", json={"confirm": True}, headers=p.csrf)
+        assert r.status == 409 and "still open" in r.json()["error"]["message"]
+        info = await p.w.ledger.account(p.account_id)
+        assert info is not None and info.status == "active" and info.refunded == 0
+
+        r = await p.browser.post("/api/account/close", json={"confirm": True}, headers=p.csrf)
+        assert r.status == 200
+        closed = r.json()
+        assert [x["amount_micro"] for x in closed["refunds"]] == [300 * THB]
+        assert closed["forfeited_micro"] == 5 * THB  # the grant was never refundable
+        refunds = p.fake.requests_to("POST", f"/charges/{charge_id}/refunds")
+        assert refunds[-1].body["amount"] == 30_000
+        info = await p.w.ledger.account(p.account_id)
+        assert info is not None and info.status == "closed" and info.refunded == 300 * THB
+        await p.reconciled()

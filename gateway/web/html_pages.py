@@ -231,9 +231,10 @@ def account_body(view: dict[str, Any], csrf: str) -> str:
         "<ul><li>Your API keys stop working at once and you are signed out.</li>"
         "<li>Your email and Google account identifier are erased. Transaction and metering records are kept "
         "for accounting, under the account id only.</li>"
-        f"<li><strong>Remaining credit ({money(view['available_micro'], cur)}) is forfeited.</strong> Unused "
-        "top-up credit is refundable before it expires: ask for a refund on the "
-        '<a href="/topup" id="refund-first">Top up</a> page <em>before</em> you close.</li>'
+        "<li>Unused, unexpired top-up credit is <strong>refunded to your card first</strong> (see the "
+        '<a href="/topup" id="refund-first">Top up</a> page). Whatever is left after that '
+        f"(grants, trial credit, fractions of a satang; now at most {money(view['available_micro'], cur)}) "
+        "is forfeited.</li>"
         "<li>Export your usage first if you want to keep it. Signing in again later makes a new, empty account.</li></ul>"
         f'<form method="post" action="/account/close">{hidden_csrf(csrf)}'
         '<p><input type="checkbox" id="confirm" name="confirm" value="yes" required> '

@@ -58,7 +58,7 @@ creates a new, empty account.</li>
 </ul></section>
 <section id="refunds"><h2>5. Refunds</h2>
 <p>Unused balance is refundable before a top-up's {life_days}-day expiry. Consumed credit and expired credit
-are non-refundable. Credit remaining when you close your account is forfeited, so request a refund first.
+are non-refundable. When you close your account, unused top-up credit is refunded first; what remains (grants, trial credit) is forfeited.
 See the Terms of Service.</p></section>
 <section id="payments"><h2>6. Payment processing</h2>
 <p>Omise is the data controller for your payment details. We do not receive or store full card data.</p></section>

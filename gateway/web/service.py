@@ -195,12 +195,34 @@ async def set_low_balance(request: web.Request, account_id: str, micro: int) -> 
 
 
 async def close_account(request: web.Request, account_id: str) -> dict[str, Any]:
-    """Close: every key revoked at once, email and sub dropped (Redis now, SQLite when the journal
-    worker applies ``account_closed``), remaining credit forfeited.
+    """Close: unused, unexpired top-up credit refunded first (the policy makes it refundable), then
+    every key revoked at once, email and sub dropped (Redis now, SQLite when the journal worker
+    applies ``account_closed``); what is left (grants, trial credit, sub-satang remainders) is
+    forfeited. A refund Omise refuses stops the closure, so no refundable money is lost."""
+    from ..payments import PAYMENTS
+    from ..payments.pages import refundable_micro
 
-    PAYMENTS HOOK: the policy makes unused, unexpired top-up credit refundable. Until the payments
-    work offers refunds (POST /api/buckets/{bucket_id}/refund), the account page tells the user to
-    ask for a refund before closing; once it exists, refund each refundable bucket here first.
-    """
-    forfeited, revoked = await request.app[LEDGER].close_account(account_id)
-    return {"account_id": account_id, "closed": True, "forfeited_micro": forfeited, "keys_revoked": revoked}
+    ledger = request.app[LEDGER]
+    payments = request.app.get(PAYMENTS)
+    refunds: list[dict[str, Any]] = []
+    if payments is not None and payments.enabled:
+        now = ledger.now_ms()
+        currency = request.app[REGISTRY].currency
+        for b in await ledger.buckets(account_id):
+            if refundable_micro(b, now, currency) <= 0:
+                continue
+            outcome = await payments.refund_bucket(account_id, b.bucket_id)
+            if outcome.status == "reverted":
+                raise E.Conflict(
+                    f"Omise refused the refund of bucket {b.bucket_id} ({outcome.failure_message}); "
+                    "the account is still open. Try again shortly."
+                )
+            refunds.append(outcome.as_json())
+    forfeited, revoked = await ledger.close_account(account_id)
+    return {
+        "account_id": account_id,
+        "closed": True,
+        "refunds": refunds,
+        "forfeited_micro": forfeited,
+        "keys_revoked": revoked,
+    }
