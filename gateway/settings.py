@@ -70,6 +70,7 @@ class Settings:
     omise_secret_key: str | None = field(default=None, repr=False)
     omise_api_base: str = "https://api.omise.co"
     omise_webhook_secret: str | None = field(default=None, repr=False)
+    omise_js_url: str | None = None  # default: Omise's CDN (or OMISE_API_BASE/omise.js for a fake)
     log_level: str = "INFO"
     key_concurrency_limit: int = 16
     max_body_bytes: int = 32 * 1024 * 1024
@@ -145,6 +146,7 @@ class Settings:
             omise_secret_key=env.get("OMISE_SECRET_KEY") or None,
             omise_api_base=(env.get("OMISE_API_BASE") or "https://api.omise.co").rstrip("/"),
             omise_webhook_secret=env.get("OMISE_WEBHOOK_SECRET") or None,
+            omise_js_url=env.get("OMISE_JS_URL") or None,
             log_level=level,
             key_concurrency_limit=_int(env, "KEY_CONCURRENCY_LIMIT", 16, minimum=1),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", 32 * 1024 * 1024, minimum=1024),

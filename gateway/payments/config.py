@@ -21,11 +21,9 @@ OMISE_VAULT: Final = "https://vault.omise.co"
 
 def omise_js_url(settings: Settings) -> str:
     """Omise.js from Omise's CDN in production. Pointed at another API (a local fake in tests), the
-    script comes from that host too: ``OMISE_API_BASE/omise.js``. An ``omise_js_url`` setting
-    (OMISE_JS_URL), when Settings grows one, wins."""
-    explicit = getattr(settings, "omise_js_url", None)
-    if isinstance(explicit, str) and explicit:
-        return explicit
+    script comes from that host too: ``OMISE_API_BASE/omise.js``. OMISE_JS_URL, when set, wins."""
+    if settings.omise_js_url:
+        return settings.omise_js_url
     if settings.omise_api_base.rstrip("/") == OMISE_API_BASE:
         return OMISE_JS_CDN
     return settings.omise_api_base.rstrip("/") + "/omise.js"
