@@ -17,7 +17,7 @@ from ledger.money import price_per_million_micro
 
 from .settings import ConfigError
 
-__all__ = ["DEMO_BASE_URL", "Model", "Provider", "Registry", "load_registry"]
+__all__ = ["DEMO_BASE_URL", "Model", "PriceWindow", "Prices", "Provider", "Registry", "load_registry"]
 
 DEMO_BASE_URL = "internal:demo"
 Format = Literal["openai", "anthropic"]
@@ -44,6 +44,31 @@ class Provider:
 
 
 @dataclass(frozen=True, slots=True)
+class Prices:
+    """Micro-units per 1M tokens."""
+
+    hit: int
+    miss: int
+    write: int
+    out: int
+
+
+@dataclass(frozen=True, slots=True)
+class PriceWindow:
+    """Other prices for requests that start inside a daily UTC window (e.g. a provider's off-peak
+    discount). ``start_min``/``end_min`` are minutes after midnight UTC; the window may wrap midnight."""
+
+    start_min: int
+    end_min: int
+    prices: Prices
+
+    def contains(self, minute_of_day: int) -> bool:
+        if self.start_min <= self.end_min:
+            return self.start_min <= minute_of_day < self.end_min
+        return minute_of_day >= self.start_min or minute_of_day < self.end_min
+
+
+@dataclass(frozen=True, slots=True)
 class Model:
     name: str
     provider: Provider
@@ -55,6 +80,16 @@ class Model:
     price_out: int
     max_output_tokens: int
     created: int
+    windows: tuple[PriceWindow, ...] = ()
+
+    def prices_at(self, ms: int) -> Prices:
+        """The prices for a request that started at ``ms`` (epoch milliseconds)."""
+        if self.windows:
+            minute = (ms // 60_000) % 1440
+            for w in self.windows:
+                if w.contains(minute):
+                    return w.prices
+        return Prices(self.price_hit, self.price_miss, self.price_write, self.price_out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +110,7 @@ class Registry:
             n: Model(
                 m.name, new if m.provider.name == provider else m.provider, m.upstream_model,
                 m.display_name, m.price_hit, m.price_miss, m.price_write, m.price_out,
-                m.max_output_tokens, m.created,
+                m.max_output_tokens, m.created, m.windows,
             )
             for n, m in self.models.items()
         }
@@ -108,6 +143,7 @@ def load_registry(path: Path, env: Mapping[str, str]) -> Registry:
             raise ConfigError(f"model {name}: unknown provider {m.get('provider')!r}")
         try:
             miss = price_per_million_micro(m["price_input_cache_miss"])
+            windows = tuple(_window(w, _prices(w)) for w in m.get("price_windows", ()))
             models[name] = Model(
                 name=name,
                 provider=prov,
@@ -121,6 +157,7 @@ def load_registry(path: Path, env: Mapping[str, str]) -> Registry:
                 price_out=price_per_million_micro(m["price_output"]),
                 max_output_tokens=int(m.get("max_output_tokens", 4096)),
                 created=created,
+                windows=windows,
             )
         except KeyError as e:
             raise ConfigError(f"model {name}: {e.args[0]} is required") from None
@@ -129,3 +166,28 @@ def load_registry(path: Path, env: Mapping[str, str]) -> Registry:
     if not models:
         raise ConfigError(f"MODELS_FILE {path} defines no models")
     return Registry(currency, providers, models)
+
+
+def _prices(m: Mapping[str, object]) -> Prices:
+    miss = price_per_million_micro(str(m["price_input_cache_miss"]))
+    return Prices(
+        hit=price_per_million_micro(str(m.get("price_input_cache_hit", m["price_input_cache_miss"]))),
+        miss=miss,
+        write=price_per_million_micro(str(m["price_input_cache_write"])) if "price_input_cache_write" in m else miss,
+        out=price_per_million_micro(str(m["price_output"])),
+    )
+
+
+def _minute(text: str) -> int:
+    hh, _, mm = text.strip().partition(":")
+    h, mi = int(hh), int(mm or 0)
+    if not (0 <= h <= 24 and 0 <= mi < 60) or h * 60 + mi > 1440:
+        raise ValueError(f"bad time of day {text!r}")
+    return (h * 60 + mi) % 1440
+
+
+def _window(w: Mapping[str, object], prices: Prices) -> PriceWindow:
+    start, sep, end = str(w.get("utc", "")).partition("-")
+    if not sep:
+        raise ValueError("price_windows need utc = 'HH:MM-HH:MM'")
+    return PriceWindow(_minute(start), _minute(end), prices)

@@ -32,7 +32,7 @@ from . import tokens
 from .appkeys import REQUEST_ID
 from .auth import authenticate
 from .metrics import Metrics
-from .models import Model, Registry
+from .models import Model, Prices, Registry
 from .settings import Settings
 from .sse import DONE, SSEParser, format_json_event
 from .translate import (
@@ -76,6 +76,7 @@ class Exchange:
     input_estimate: int
     max_tokens: int
     started_ms: int
+    prices: Prices
     status: str = "ok"
     produced: bool = False
     tracker: UsageTracker = field(init=False)
@@ -200,10 +201,12 @@ class Proxy:
             input_estimate = await tokens.count_openai_request_async(body)
         requested_out = self._requested_output(body, fmt, model)
         # Ceiling: every input token at the dearer of miss/write, plus the output cap.
-        input_cost = _cost(input_estimate, max(model.price_miss, model.price_write))
-        ceiling = input_cost + _cost(requested_out, model.price_out)
+        started_ms = self.ledger.now_ms()
+        prices = model.prices_at(started_ms)  # a price window is chosen by the request's start
+        input_cost = _cost(input_estimate, max(prices.miss, prices.write))
+        ceiling = input_cost + _cost(requested_out, prices.out)
         useful = min(self.settings.min_output_tokens, requested_out)
-        minimum = input_cost + _cost(useful, model.price_out)
+        minimum = input_cost + _cost(useful, prices.out)
         try:
             held = await self.ledger.reserve(
                 key.account_id,
@@ -221,9 +224,9 @@ class Proxy:
                 headers={"x-should-retry": "false"},
             ) from None
         max_tokens = requested_out
-        if held < ceiling and model.price_out > 0:
+        if held < ceiling and prices.out > 0:
             # Lower the output cap to what the balance affords rather than refuse.
-            max_tokens = max(useful, min(requested_out, (held - input_cost) * 1_000_000 // model.price_out))
+            max_tokens = max(useful, min(requested_out, (held - input_cost) * 1_000_000 // prices.out))
         ex = Exchange(
             request_id=request_id,
             account_id=key.account_id,
@@ -234,7 +237,8 @@ class Proxy:
             include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
             input_estimate=input_estimate,
             max_tokens=max_tokens,
-            started_ms=self.ledger.now_ms(),
+            started_ms=started_ms,
+            prices=prices,
         )
         self.live[request_id] = key.account_id
         try:
@@ -549,7 +553,8 @@ class Proxy:
                 charge = 0
             else:
                 hit, miss, write, out = usage.input_cache_hit, usage.input_cache_miss, usage.cache_write, usage.output
-                charge = charge_micro(usage, hit=model.price_hit, miss=model.price_miss, out=model.price_out, write=model.price_write)
+                p = ex.prices
+                charge = charge_micro(usage, hit=p.hit, miss=p.miss, out=p.out, write=p.write)
             finished = self.ledger.now_ms()
             metering = {
                 "request_id": ex.request_id,

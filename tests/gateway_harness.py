@@ -126,10 +126,14 @@ async def running_gateway(
     keyspace: Keyspace,
     tmp_path: Path,
     fake: FakeUpstream,
+    *,
+    extra_models: str = "",
     **overrides: Any,
 ) -> AsyncIterator[Gateway]:
     models_file = tmp_path / "models.toml"
-    models_file.write_text(MODELS_TOML.format(openai=fake.openai_base_url, anthropic=fake.anthropic_base_url))
+    models_file.write_text(
+        MODELS_TOML.format(openai=fake.openai_base_url, anthropic=fake.anthropic_base_url) + extra_models
+    )
     env = {"FAKE_OPENAI_KEY": UPSTREAM_KEY, "FAKE_ANTHROPIC_KEY": UPSTREAM_KEY}
     settings = Settings(
         redis_url="redis://injected",

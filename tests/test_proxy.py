@@ -226,3 +226,53 @@ async def test_short_balance_is_402_and_a_thin_one_lowers_max_tokens(gw: Gateway
     bal = await gw.ledger.balance(account)
     assert bal.available_micro == 10_000 - rows[0]["charge_micro"] >= 0
     await gw.reconcile_ok()
+
+
+def _hhmm(minute_of_day: int) -> str:
+    m = minute_of_day % 1440
+    return f"{m // 60:02d}:{m % 60:02d}"
+
+
+async def test_a_price_window_prices_requests_that_start_inside_it(
+    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path, fake: FakeUpstream
+) -> None:
+    import time
+
+    now_min = int(time.time() // 60) % 1440
+    inside = f"{_hhmm(now_min - 90)}-{_hhmm(now_min + 90)}"  # may wrap midnight: that is supported
+    outside = f"{_hhmm(now_min + 180)}-{_hhmm(now_min + 300)}"
+    extra = f"""
+[models."ds-offpeak"]
+provider = "fake-openai"
+upstream_model = "ds"
+price_input_cache_hit = "0.5"
+price_input_cache_miss = "2"
+price_output = "8"
+[[models."ds-offpeak".price_windows]]
+utc = "{inside}"
+price_input_cache_hit = "0.25"
+price_input_cache_miss = "1"
+price_output = "4"
+
+[models."ds-peak"]
+provider = "fake-openai"
+upstream_model = "ds"
+price_input_cache_hit = "0.5"
+price_input_cache_miss = "2"
+price_output = "8"
+[[models."ds-peak".price_windows]]
+utc = "{outside}"
+price_input_cache_hit = "0.25"
+price_input_cache_miss = "1"
+price_output = "4"
+"""
+    fake.script = Script(flavour="deepseek", usage=FakeUsage(input_cache_hit=1000, input_cache_miss=3000, output=777))
+    async with running_gateway(redis_client, clean_keyspace, tmp_path, fake, extra_models=extra) as gw:
+        key = await gw.funded_key(10)
+        for model in ("ds-offpeak", "ds-peak"):
+            async with gw.http.post(gw.url + "/v1/chat/completions", json=chat(model), headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 200
+        rows = {r["model"]: r for r in await gw.settled(2)}
+    usage = Usage(input_cache_hit=1000, input_cache_miss=3000, output=777)
+    assert rows["ds-offpeak"]["charge_micro"] == charge_micro(usage, hit=250_000, miss=1_000_000, out=4_000_000)
+    assert rows["ds-peak"]["charge_micro"] == charge_micro(usage, hit=500_000, miss=2_000_000, out=8_000_000)

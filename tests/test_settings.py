@@ -72,3 +72,24 @@ def test_a_bad_models_file_is_named(tmp_path: Path) -> None:
         load_registry(bad, {})
     with pytest.raises(ConfigError, match="not found"):
         load_registry(tmp_path / "missing.toml", {})
+
+
+def test_price_windows_wrap_midnight_and_pick_by_start_time(tmp_path: Path) -> None:
+    f = tmp_path / "m.toml"
+    f.write_text(
+        '[providers.p]\nbase_url = "http://x/v1"\n'
+        '[models.m]\nprovider = "p"\nprice_input_cache_miss = "2"\nprice_output = "8"\n'
+        '[[models.m.price_windows]]\nutc = "16:30-00:30"\nprice_input_cache_miss = "1"\nprice_output = "4"\n'
+    )
+    m = load_registry(f, {}).models["m"]
+    day = 1_790_000_000_000 - 1_790_000_000_000 % 86_400_000  # a UTC midnight
+
+    def at(h: int, mi: int) -> int:
+        return m.prices_at(day + (h * 60 + mi) * 60_000).out
+
+    assert (at(16, 29), at(16, 30), at(23, 59), at(0, 0), at(0, 29), at(0, 30), at(12, 0)) == (
+        8_000_000, 4_000_000, 4_000_000, 4_000_000, 4_000_000, 8_000_000, 8_000_000,
+    )
+    f.write_text(f.read_text().replace("16:30-00:30", "25:00-01:00"))
+    with pytest.raises(ConfigError, match="bad time of day"):
+        load_registry(f, {})
