@@ -103,10 +103,12 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, core: str, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    def start(
+        self, core: str, args: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT
+    ) -> subprocess.Popen[bytes]:
         out = log.open("wb")
         p = subprocess.Popen(
-            ["taskset", "-c", core, *args], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+            ["taskset", "-c", core, *args], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd
         )
         self.procs.append(p)
         return p
@@ -236,7 +238,7 @@ async def _phase(
     server_pid: int | None,
     load_pids: list[int],
     args: argparse.Namespace,
-) -> dict[str, Any]:
+) -> tuple[LoadResult, float | None, float, float]:
     # Warm the connections, the server's pools and its allocator before measuring.
     await run_load(port, request, conc, duration_s=args.warmup, max_requests=conc * 20)
     r0 = await _redis_cpu(args.redis_url)
@@ -246,7 +248,7 @@ async def _phase(
     s1 = cpu_seconds(server_pid) if server_pid else 0.0
     l1 = sum(cpu_seconds(p) for p in load_pids)
     r1 = await _redis_cpu(args.redis_url)
-    return _row(name, conc, res, (s1 - s0) if server_pid else None, l1 - l0, r1 - r0)
+    return res, (s1 - s0) if server_pid else None, l1 - l0, r1 - r0
 
 
 async def _run(args: argparse.Namespace, tmp: Path, procs: Procs) -> dict[str, Any]:
@@ -287,7 +289,23 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: Procs) -> dict[str, A
     }
     key = await _make_key(redis_url, prefix)
     gw = procs.start(SERVER_CORE, [PY, "-m", "gateway", "serve"], gw_env, tmp / "gateway.log")
-    for port in (fast_port, slow_port, bare_port, gw_port):
+    ports = [fast_port, slow_port, bare_port, gw_port]
+    base = None
+    if args.baseline:
+        # A second gateway from another source tree, measured in the same rounds: an A/B of a change
+        # that the noise between two separate runs would hide.
+        base_port = free_port()
+        src = Path(args.baseline).resolve()
+        base_env = {
+            **gw_env,
+            "PORT": str(base_port),
+            "PYTHONPATH": os.pathsep.join([*args.baseline_path, str(src)]),
+        }
+        base = procs.start(
+            SERVER_CORE, [PY, "-m", "gateway", "serve"], base_env, tmp / "baseline.log", cwd=src
+        )
+        ports.append(base_port)
+    for port in ports:
         wait_port(port)
     time.sleep(0.5)
     out: dict[str, Any] = {"rows": [], "prefix": prefix}
@@ -311,7 +329,11 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: Procs) -> dict[str, A
             ("bare", bare_port, bare_req, bare.pid, [me, fast.pid]),
             ("gateway", gw_port, gw_req, gw.pid, [me, fast.pid]),
         ]
-        for conc in args.concurrency:
+        if base is not None:
+            base_req = gw_req.replace(f"127.0.0.1:{gw_port}".encode(), f"127.0.0.1:{base_port}".encode())
+            targets.append(("baseline", base_port, base_req, base.pid, [me, fast.pid]))
+        merged: dict[tuple[str, int], tuple[LoadResult, float | None, float, float]] = {}
+        for conc, _round in ((c, r) for c in args.concurrency for r in range(args.repeat)):
             for name, port, req, spid, lpids in targets:
                 if args.only and name not in args.only:
                     continue
@@ -338,11 +360,27 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: Procs) -> dict[str, A
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
-                row = await _phase(name, port, req, conc, spid, lpids, args)
+                res, scpu, lcpu, rcpu = await _phase(name, port, req, conc, spid, lpids, args)
                 if profiler is not None:
                     profiler.wait()
-                out["rows"].append(row)
-                print(f"  {name} c={conc}: {row['rps']:.0f} req/s", file=sys.stderr, flush=True)
+                print(f"  {name} c={conc}: {res.rps:.0f} req/s", file=sys.stderr, flush=True)
+                if (name, conc) not in merged:
+                    merged[(name, conc)] = (res, scpu, lcpu, rcpu)
+                    continue
+                m_res, m_s, m_l, m_r = merged[(name, conc)]
+                m_res.requests += res.requests
+                m_res.errors += res.errors
+                m_res.elapsed_s += res.elapsed_s
+                m_res.ttfb_s += res.ttfb_s
+                m_res.total_s += res.total_s
+                merged[(name, conc)] = (
+                    m_res,
+                    None if m_s is None else m_s + (scpu or 0.0),
+                    m_l + lcpu,
+                    m_r + rcpu,
+                )
+        for (name, conc), (res, scpu, lcpu, rcpu) in merged.items():
+            out["rows"].append(_row(name, conc, res, scpu, lcpu, rcpu))
         if not args.only or "gateway" in args.only:
             time.sleep(0.5)
             rss_idle = rss_bytes(gw.pid)
@@ -421,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per phase")
     p.add_argument("--max-requests", type=int, default=100_000, help="request cap per phase")
     p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
-    p.add_argument("--only", nargs="+", choices=["direct", "bare", "gateway"], help="run only these targets")
+    p.add_argument(
+        "--only", nargs="+", choices=["direct", "bare", "gateway", "baseline"], help="run only these targets"
+    )
     p.add_argument("--streams", type=int, default=OPEN_STREAMS, help="open streams for the RSS reading")
     p.add_argument("--slow-delay", type=float, default=1.0, help="seconds between frames of the open streams")
     p.add_argument(
@@ -431,10 +471,17 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", metavar="PATH", help="py-spy record (raw) the gateway at the highest concurrency"
     )
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--repeat", type=int, default=1, help="rounds per concurrency (figures are merged)")
+    p.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run a gateway from this source tree (git archive REV | tar -x)",
+    )
+    p.add_argument("--baseline-path", nargs="*", default=[], help="extra PYTHONPATH entries for the baseline")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     args = p.parse_args(argv)
     if args.quick:
-        args.duration, args.warmup = 2.0, 0.5
+        args.duration, args.warmup = 1.5, 0.3
     if len(os.sched_getaffinity(0)) < 2:
         print("needs two cores (one for the server, one for the load)", file=sys.stderr)
         return 2
