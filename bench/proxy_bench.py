@@ -251,9 +251,8 @@ async def _phase(
     return res, (s1 - s0) if server_pid else None, l1 - l0, r1 - r0
 
 
-async def _run(args: argparse.Namespace, tmp: Path, procs: Procs) -> dict[str, Any]:
+async def _run(args: argparse.Namespace, tmp: Path, procs: Procs, prefix: str) -> dict[str, Any]:
     redis_url = args.redis_url
-    prefix = f"bench{secrets.token_hex(4)}"
     fast_port, slow_port, bare_port, gw_port = (free_port() for _ in range(4))
     base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
     base_env["PYTHONPATH"] = str(ROOT)
@@ -310,105 +309,102 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: Procs) -> dict[str, A
     time.sleep(0.5)
     out: dict[str, Any] = {"rows": [], "prefix": prefix}
     rss_start = rss_bytes(gw.pid)
-    try:
-        direct_req = http_request(
-            fast_port, "/v1/chat/completions", _body("bench-upstream"), {"Content-Type": "application/json"}
-        )
-        bare_req = http_request(
-            bare_port, "/v1/chat/completions", _body("bench-upstream"), {"Content-Type": "application/json"}
-        )
-        gw_req = http_request(
+    direct_req = http_request(
+        fast_port, "/v1/chat/completions", _body("bench-upstream"), {"Content-Type": "application/json"}
+    )
+    bare_req = http_request(
+        bare_port, "/v1/chat/completions", _body("bench-upstream"), {"Content-Type": "application/json"}
+    )
+    gw_req = http_request(
+        gw_port,
+        "/v1/chat/completions",
+        _body("bench"),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
+    me = os.getpid()
+    targets = [
+        ("direct", fast_port, direct_req, None, [me, fast.pid]),
+        ("bare", bare_port, bare_req, bare.pid, [me, fast.pid]),
+        ("gateway", gw_port, gw_req, gw.pid, [me, fast.pid]),
+    ]
+    if base is not None:
+        base_req = gw_req.replace(f"127.0.0.1:{gw_port}".encode(), f"127.0.0.1:{base_port}".encode())
+        targets.append(("baseline", base_port, base_req, base.pid, [me, fast.pid]))
+    merged: dict[tuple[str, int], tuple[LoadResult, float | None, float, float]] = {}
+    for conc, _round in ((c, r) for c in args.concurrency for r in range(args.repeat)):
+        for name, port, req, spid, lpids in targets:
+            if args.only and name not in args.only:
+                continue
+            profiler = None
+            if args.profile and name == "gateway" and conc == max(args.concurrency):
+                profiler = subprocess.Popen(
+                    [
+                        "taskset",
+                        "-c",
+                        LOAD_CORE,
+                        str(Path(PY).parent / "py-spy"),
+                        "record",
+                        "-p",
+                        str(spid),
+                        "-o",
+                        args.profile,
+                        "-f",
+                        "raw",
+                        "-r",
+                        "200",
+                        "-d",
+                        str(int(args.duration + args.warmup + 1)),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            res, scpu, lcpu, rcpu = await _phase(name, port, req, conc, spid, lpids, args)
+            if profiler is not None:
+                profiler.wait()
+            print(f"  {name} c={conc}: {res.rps:.0f} req/s", file=sys.stderr, flush=True)
+            if (name, conc) not in merged:
+                merged[(name, conc)] = (res, scpu, lcpu, rcpu)
+                continue
+            m_res, m_s, m_l, m_r = merged[(name, conc)]
+            m_res.requests += res.requests
+            m_res.errors += res.errors
+            m_res.elapsed_s += res.elapsed_s
+            m_res.ttfb_s += res.ttfb_s
+            m_res.total_s += res.total_s
+            merged[(name, conc)] = (
+                m_res,
+                None if m_s is None else m_s + (scpu or 0.0),
+                m_l + lcpu,
+                m_r + rcpu,
+            )
+    for (name, conc), (res, scpu, lcpu, rcpu) in merged.items():
+        out["rows"].append(_row(name, conc, res, scpu, lcpu, rcpu))
+    if not args.only or "gateway" in args.only:
+        time.sleep(0.5)
+        rss_idle = rss_bytes(gw.pid)
+        slow_req = http_request(
             gw_port,
             "/v1/chat/completions",
-            _body("bench"),
+            _body("bench-slow"),
             {"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
         )
-        me = os.getpid()
-        targets = [
-            ("direct", fast_port, direct_req, None, [me, fast.pid]),
-            ("bare", bare_port, bare_req, bare.pid, [me, fast.pid]),
-            ("gateway", gw_port, gw_req, gw.pid, [me, fast.pid]),
-        ]
-        if base is not None:
-            base_req = gw_req.replace(f"127.0.0.1:{gw_port}".encode(), f"127.0.0.1:{base_port}".encode())
-            targets.append(("baseline", base_port, base_req, base.pid, [me, fast.pid]))
-        merged: dict[tuple[str, int], tuple[LoadResult, float | None, float, float]] = {}
-        for conc, _round in ((c, r) for c in args.concurrency for r in range(args.repeat)):
-            for name, port, req, spid, lpids in targets:
-                if args.only and name not in args.only:
-                    continue
-                profiler = None
-                if args.profile and name == "gateway" and conc == max(args.concurrency):
-                    profiler = subprocess.Popen(
-                        [
-                            "taskset",
-                            "-c",
-                            LOAD_CORE,
-                            str(Path(PY).parent / "py-spy"),
-                            "record",
-                            "-p",
-                            str(spid),
-                            "-o",
-                            args.profile,
-                            "-f",
-                            "raw",
-                            "-r",
-                            "200",
-                            "-d",
-                            str(int(args.duration + args.warmup + 1)),
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                res, scpu, lcpu, rcpu = await _phase(name, port, req, conc, spid, lpids, args)
-                if profiler is not None:
-                    profiler.wait()
-                print(f"  {name} c={conc}: {res.rps:.0f} req/s", file=sys.stderr, flush=True)
-                if (name, conc) not in merged:
-                    merged[(name, conc)] = (res, scpu, lcpu, rcpu)
-                    continue
-                m_res, m_s, m_l, m_r = merged[(name, conc)]
-                m_res.requests += res.requests
-                m_res.errors += res.errors
-                m_res.elapsed_s += res.elapsed_s
-                m_res.ttfb_s += res.ttfb_s
-                m_res.total_s += res.total_s
-                merged[(name, conc)] = (
-                    m_res,
-                    None if m_s is None else m_s + (scpu or 0.0),
-                    m_l + lcpu,
-                    m_r + rcpu,
-                )
-        for (name, conc), (res, scpu, lcpu, rcpu) in merged.items():
-            out["rows"].append(_row(name, conc, res, scpu, lcpu, rcpu))
-        if not args.only or "gateway" in args.only:
-            time.sleep(0.5)
-            rss_idle = rss_bytes(gw.pid)
-            slow_req = http_request(
-                gw_port,
-                "/v1/chat/completions",
-                _body("bench-slow"),
-                {"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
-            )
-            conns = await open_streams(gw_port, slow_req, args.streams, timeout_s=30)
-            active = _active_streams(gw_port)
-            rss_open = rss_bytes(gw.pid)
-            for c in conns:
-                if c.transport is not None:
-                    c.transport.abort()
-            deadline = time.monotonic() + 30
-            while _active_streams(gw_port) > 0 and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            out["rss"] = {
-                "start_mib": rss_start / 2**20,
-                "idle_mib": rss_idle / 2**20,
-                "open_mib": rss_open / 2**20,
-                "streams": args.streams,
-                "active_seen": active,
-                "per_stream_kib": (rss_open - rss_idle) / args.streams / 1024,
-            }
-    finally:
-        out["dropped_keys"] = await _drop_prefix(redis_url, prefix)
+        conns = await open_streams(gw_port, slow_req, args.streams, timeout_s=30)
+        active = _active_streams(gw_port)
+        rss_open = rss_bytes(gw.pid)
+        for c in conns:
+            if c.transport is not None:
+                c.transport.abort()
+        deadline = time.monotonic() + 30
+        while _active_streams(gw_port) > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        out["rss"] = {
+            "start_mib": rss_start / 2**20,
+            "idle_mib": rss_idle / 2**20,
+            "open_mib": rss_open / 2**20,
+            "streams": args.streams,
+            "active_seen": active,
+            "per_stream_kib": (rss_open - rss_idle) / args.streams / 1024,
+        }
     return out
 
 
@@ -488,14 +484,18 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile()
     procs = Procs()
     with tempfile.TemporaryDirectory(prefix="proxy-bench-") as d, _self_on_load_core():
+        prefix = f"bench{secrets.token_hex(4)}"
         try:
-            out = asyncio.run(_run(args, Path(d), procs))
+            out = asyncio.run(_run(args, Path(d), procs, prefix))
         finally:
+            # Only once the gateways have stopped: their last settlements still write under the prefix.
             procs.stop_all()
+            dropped = asyncio.run(_drop_prefix(args.redis_url, prefix))
             if os.environ.get("BENCH_KEEP_LOGS"):
                 for log in Path(d).glob("*.log"):
                     lines = [x for x in log.read_text().splitlines() if " INFO " not in x]
                     print(f"--- {log.name}\n" + "\n".join(lines[-40:]), file=sys.stderr)
+    out["dropped_keys"] = dropped
     _summary(out)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
