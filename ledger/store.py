@@ -20,6 +20,7 @@ import orjson
 from .money import iso_ms
 
 __all__ = [
+    "HISTORY_COLUMNS",
     "METERING_COLUMNS",
     "SCHEMA_VERSION",
     "Store",
@@ -48,6 +49,24 @@ METERING_COLUMNS = (
     "shortfall_micro",
     "estimated",
     "cache_write_tokens",
+)
+
+# The credit history's columns (one row per money event; ids, amounts, statuses and times only).
+HISTORY_COLUMNS = (
+    "event_id",
+    "at",
+    "kind",  # credit | topup (an attempt that credited nothing) | refund | forfeit
+    "status",
+    "amount_micro",
+    "delta_micro",  # what the event did to the account's credit: + credited, - refunded or forfeited
+    "bucket_id",
+    "source",
+    "expires_at",
+    "topup_id",
+    "charge_id",
+    "refund_id",
+    "failure_code",
+    "description",
 )
 
 _V1 = """
@@ -386,6 +405,37 @@ class Store:
             ).fetchall()
         return [{**dict(r), "at": iso_ms(int(r["at_ms"]))} for r in rows]
 
+    def history_rows(
+        self, account_id: str, limit: int = 50, before: str | None = None
+    ) -> list[dict[str, Any]]:
+        """One page of money events, newest first. Each row carries `cursor`; pass the last row's
+        as `before` for the next page (ValueError when it is not one of ours)."""
+        limit = max(1, min(int(limit), 1000))
+        at_ms, event_id = _parse_cursor(before) if before is not None else (2**62, "")
+        with self.reader() as conn:
+            rows = conn.execute(
+                f"SELECT * FROM ({_HISTORY_SQL}) WHERE (at_ms, event_id) < (:t, :e) "
+                "ORDER BY at_ms DESC, event_id DESC LIMIT :n",
+                {"a": account_id, "t": at_ms, "e": event_id, "n": limit},
+            ).fetchall()
+        return [_history_row(r, with_cursor=True) for r in rows]
+
+    def iter_history(self, account_id: str, *, chunk: int = 500) -> Iterator[dict[str, Any]]:
+        """Every money event of the account, oldest first, read in chunks (for a streamed export)."""
+        at_ms, event_id = -1, ""
+        while True:
+            with self.reader() as conn:
+                rows = conn.execute(
+                    f"SELECT * FROM ({_HISTORY_SQL}) WHERE (at_ms, event_id) > (:t, :e) "
+                    "ORDER BY at_ms, event_id LIMIT :n",
+                    {"a": account_id, "t": at_ms, "e": event_id, "n": chunk},
+                ).fetchall()
+            for r in rows:
+                yield _history_row(r, with_cursor=False)
+            if len(rows) < chunk:
+                return
+            at_ms, event_id = int(rows[-1]["at_ms"]), str(rows[-1]["event_id"])
+
     def buckets_of(self, account_id: str) -> list[dict[str, Any]]:
         with self.reader() as conn:
             rows = conn.execute(
@@ -415,6 +465,73 @@ def _metering_row(r: sqlite3.Row, *, with_seq: bool) -> dict[str, Any]:
     if with_seq:
         row["seq"] = r["seq"]
     return row
+
+
+# One row per money event, ordered by (at_ms, event_id): event ids are unique across the four
+# kinds, so that pair is a stable paging cursor. A successful top-up is its bucket's credit row
+# (joined by bucket id); only attempts that credited nothing are rows of their own. A refund is one
+# row whose status moves (taken -> confirmed | reverted); a reverted one changed nothing in the end.
+_HISTORY_SQL = """
+SELECT b.created_ms AS at_ms, 'credit:' || b.bucket_id AS event_id, 'credit' AS kind,
+       'credited' AS status, b.amount_micro, b.amount_micro AS delta_micro, b.bucket_id,
+       b.source, b.expires_at, t.topup_id, t.charge_id, NULL AS refund_id, NULL AS failure_code
+  FROM buckets b LEFT JOIN topups t ON t.bucket_id = b.bucket_id AND t.account_id = b.account_id
+ WHERE b.account_id = :a
+UNION ALL
+SELECT updated_ms, 'topup:' || topup_id, 'topup', status, amount_micro, 0, NULL,
+       'topup', NULL, topup_id, charge_id, NULL, failure_code
+  FROM topups WHERE account_id = :a AND status IN ('failed', 'expired')
+UNION ALL
+SELECT created_ms, 'refund:' || refund_id, 'refund', status, amount_micro,
+       CASE status WHEN 'reverted' THEN 0 ELSE -amount_micro END, bucket_id, NULL, NULL, NULL, NULL,
+       refund_id,
+       CASE WHEN status = 'reverted' AND external_ref LIKE 'error:%' THEN substr(external_ref, 7) END
+  FROM refunds WHERE account_id = :a
+UNION ALL
+SELECT f.at_ms, 'forfeit:' || printf('%012d', f.id), 'forfeit',
+       CASE WHEN b.expires_ms IS NULL OR f.at_ms >= b.expires_ms THEN 'expired' ELSE 'account_closed' END,
+       f.amount_micro, -f.amount_micro, f.bucket_id, b.source, b.expires_at, NULL, NULL, NULL, NULL
+  FROM forfeitures f LEFT JOIN buckets b ON b.bucket_id = f.bucket_id
+ WHERE f.account_id = :a
+"""
+
+_SOURCE_LABELS = {"topup": "Top-up", "grant": "Grant", "trial": "Trial credit"}
+
+
+def _describe(r: sqlite3.Row) -> str:
+    """A line for people: built from the row's own ids, codes and times, nothing else."""
+    kind, status = r["kind"], r["status"]
+    if kind == "credit":
+        label = _SOURCE_LABELS.get(r["source"], str(r["source"]).capitalize() or "Credit")
+        return f"{label} credited to bucket {r['bucket_id']}; expires {r['expires_at']}"
+    if kind == "topup":
+        return f"Top-up {status} ({r['failure_code'] or 'no reason given'}); nothing was credited"
+    if kind == "refund":
+        if status == "confirmed":
+            return f"Refund of unused credit from bucket {r['bucket_id']} paid back to the payment"
+        if status == "reverted":
+            code = r["failure_code"] or "refused"
+            return f"Refund refused by the payment provider ({code}); the credit went back to the bucket"
+        return "Refund in progress: the credit is out of the bucket, awaiting the payment provider"
+    if status == "account_closed":
+        return f"Unused credit of bucket {r['bucket_id']} forfeited when the account was closed"
+    return f"Unused credit of bucket {r['bucket_id']} forfeited: the bucket expired"
+
+
+def _history_row(r: sqlite3.Row, *, with_cursor: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {c: r[c] for c in HISTORY_COLUMNS if c not in ("at", "description")}
+    row["at"] = iso_ms(int(r["at_ms"]))
+    row["description"] = _describe(r)
+    if with_cursor:
+        row["cursor"] = f"{int(r['at_ms'])}:{r['event_id']}"
+    return {c: row[c] for c in (*HISTORY_COLUMNS, *(("cursor",) if with_cursor else ()))}
+
+
+def _parse_cursor(cursor: str) -> tuple[int, str]:
+    at, sep, event_id = cursor.partition(":")
+    if not sep or not at.isdigit() or not event_id or len(cursor) > 200:
+        raise ValueError("not a history cursor")
+    return int(at), event_id
 
 
 def _split_sql(script: str) -> list[str]:
