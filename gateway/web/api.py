@@ -9,12 +9,13 @@ from aiohttp import web
 
 from .. import errors as E
 from .csrf import check_csrf, csrf_token
-from .export import export_usage
+from .export import export_history, export_usage
 from .service import (
     account_view,
     close_account,
     create_key,
     daily_usage,
+    history_page,
     keys_view,
     parse_threshold,
     renew_key,
@@ -118,6 +119,21 @@ async def get_export(request: web.Request) -> web.StreamResponse:
     return await export_usage(request, account_id, fmt)
 
 
+async def get_history(request: web.Request) -> web.Response:
+    account_id = await require_account(request)
+    limit = _int_param(request, "limit", 50) or 50
+    before = request.query.get("before") or None
+    return json_response(await history_page(request, account_id, limit=limit, before=before))
+
+
+async def get_history_export(request: web.Request) -> web.StreamResponse:
+    account_id = await require_account(request)
+    fmt = request.query.get("format", "csv")
+    if fmt not in ("csv", "json"):
+        raise E.BadRequest("'format' must be csv or json.", param="format")
+    return await export_history(request, account_id, fmt)
+
+
 async def post_low_balance(request: web.Request) -> web.Response:
     account_id = await require_account(request)
     await check_csrf(request)
@@ -148,6 +164,8 @@ def api_routes() -> list[web.RouteDef]:
         web.get("/api/usage", get_usage, allow_head=False),
         web.get("/api/usage/daily", get_daily, allow_head=False),
         web.get("/api/usage/export", get_export, allow_head=False),
+        web.get("/api/history", get_history, allow_head=False),
+        web.get("/api/history/export", get_history_export, allow_head=False),
         web.post("/api/account/low-balance", post_low_balance),
         web.post("/api/account/close", post_close),
     ]

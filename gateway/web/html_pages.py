@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from ledger.ledger import DEFAULT_BUCKET_LIFE_S, MAX_LIVE_KEYS
 from ledger.money import format_micro
@@ -14,6 +15,7 @@ from .render import date_of, esc, hidden_csrf, money
 __all__ = [
     "account_body",
     "closed_body",
+    "history_body",
     "keys_body",
     "new_key_body",
     "overview_body",
@@ -212,6 +214,52 @@ def usage_body(page: dict[str, Any], daily: dict[str, Any], *, first_page: bool)
     )
 
 
+_KINDS = {"credit": "Credit", "topup": "Top-up not credited", "refund": "Refund", "forfeit": "Forfeited"}
+
+
+def history_body(page: dict[str, Any], *, first_page: bool) -> str:
+    cur = page["currency"]
+    rows = []
+    for r in page["rows"]:
+        delta = int(r["delta_micro"])
+        sign = "+" if delta > 0 else "−" if delta < 0 else ""
+        rows.append(
+            f'<tr data-event-id="{esc(r["event_id"])}"><td>{date_of(r["at"])}</td>'
+            f"<td>{esc(_KINDS.get(r['kind'], r['kind']))}</td><td>{esc(r['status'])}</td>"
+            f'<td class="num">{money(int(r["amount_micro"]), cur, 6)}</td>'
+            f'<td class="num">{sign}{money(abs(delta), cur, 6)}</td>'
+            f"<td>{esc(r['description'])}</td></tr>"
+        )
+    table = (
+        '<table id="history-rows"><caption>Money events, newest first</caption><thead><tr>'
+        '<th scope="col">When</th><th scope="col">Event</th><th scope="col">Status</th>'
+        '<th scope="col">Amount</th><th scope="col">Effect on credit</th><th scope="col">Details</th>'
+        f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        if rows
+        else '<p id="no-history">No credit yet. Events appear a few seconds after they happen.</p>'
+    )
+    pager = []
+    if not first_page:
+        pager.append('<a href="/history">Newest</a>')
+    if page["next_before"] is not None:
+        pager.append(
+            f'<a href="/history?before={esc(quote(page["next_before"], safe=""))}" rel="next">Older events</a>'
+        )
+    return (
+        "<h1>Credit history</h1>"
+        "<p>Every change to your credit except requests (those are on the "
+        '<a href="/usage">Usage</a> page): credits, top-ups that were not credited, refunds and '
+        "forfeited credit. A refund the payment provider refused changed nothing.</p>"
+        '<section class="card"><h2>Export</h2><p>Your whole credit history (ids, amounts, statuses, '
+        "timestamps; no personal data):</p>"
+        '<p><a class="button" id="history-export-csv" href="/api/history/export?format=csv" download>'
+        "Download CSV</a> "
+        '<a class="button" id="history-export-json" href="/api/history/export?format=json" download>'
+        "Download JSON</a></p></section>"
+        f'<section class="card">{table}<nav class="pager" aria-label="Pages">{" ".join(pager)}</nav></section>'
+    )
+
+
 def account_body(view: dict[str, Any], csrf: str) -> str:
     cur = view["currency"]
     threshold = view["low_threshold_micro"]
@@ -235,7 +283,8 @@ def account_body(view: dict[str, Any], csrf: str) -> str:
         '<a href="/topup" id="refund-first">Top up</a> page). Whatever is left after that '
         f"(grants, trial credit, fractions of a satang; now at most {money(view['available_micro'], cur)}) "
         "is forfeited.</li>"
-        "<li>Export your usage first if you want to keep it. Signing in again later makes a new, empty account.</li></ul>"
+        '<li>Export your usage and <a href="/history">credit history</a> first if you want to keep them. '
+        "Signing in again later makes a new, empty account.</li></ul>"
         f'<form method="post" action="/account/close">{hidden_csrf(csrf)}'
         '<p><input type="checkbox" id="confirm" name="confirm" value="yes" required> '
         '<label for="confirm">I understand; close my account</label></p>'

@@ -1,4 +1,4 @@
-"""Server-rendered pages: sign-in, overview, API keys, usage, account. Forms work without JavaScript."""
+"""Server-rendered pages: sign-in, overview, API keys, usage, credit history, account. Forms work without JavaScript."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from .service import (
     close_account,
     create_key,
     daily_usage,
+    history_page,
     keys_view,
     parse_threshold,
     renew_key,
@@ -139,6 +140,13 @@ async def usage(request: web.Request, account_id: str) -> web.Response:
 
 
 @_signed_in()
+async def history(request: web.Request, account_id: str) -> web.Response:
+    before = request.query.get("before") or None
+    page = await history_page(request, account_id, limit=50, before=before)
+    return await _page(request, "Credit history", H.history_body(page, first_page=before is None), "/history")
+
+
+@_signed_in()
 async def account_page(request: web.Request, account_id: str) -> web.Response:
     view = await account_view(request, account_id)
     return await _page(request, "Account", H.account_body(view, await csrf_token(request)), "/account")
@@ -178,6 +186,7 @@ def page_routes() -> list[web.RouteDef]:
         web.post("/keys/{key_id}/renew", keys_renew),
         web.post("/keys/{key_id}/revoke", keys_revoke),
         web.get("/usage", usage, allow_head=False),
+        web.get("/history", history, allow_head=False),
         web.get("/account", account_page, allow_head=False),
         web.post("/account/low-balance", low_balance_form),
         web.post("/account/close", close_form),

@@ -32,6 +32,7 @@ _NAV = (
     ("/topup", "Top up"),
     ("/keys", "API keys"),
     ("/usage", "Usage"),
+    ("/history", "Credit history"),
     ("/account", "Account"),
 )
 

@@ -20,6 +20,7 @@ __all__ = [
     "close_account",
     "create_key",
     "daily_usage",
+    "history_page",
     "keys_view",
     "parse_threshold",
     "renew_key",
@@ -159,6 +160,23 @@ async def usage_page(
         request, request.app[STORE].usage_rows, account_id, limit=limit, before=before
     )
     next_before = rows[-1]["seq"] if len(rows) == limit else None
+    return {"rows": rows, "next_before": next_before, "currency": request.app[REGISTRY].currency}
+
+
+async def history_page(
+    request: web.Request, account_id: str, *, limit: int = 50, before: str | None = None
+) -> dict[str, Any]:
+    """GET /api/history: money events newest first; pass ``next_before`` as ``before`` for the next page."""
+    limit = max(1, min(limit, USAGE_PAGE_MAX))
+    try:
+        rows: list[dict[str, Any]] = await _read_store(
+            request, request.app[STORE].history_rows, account_id, limit=limit, before=before
+        )
+    except ValueError:
+        raise E.BadRequest(
+            "'before' must be a 'next_before' value from an earlier page.", param="before"
+        ) from None
+    next_before = rows[-1]["cursor"] if len(rows) == limit else None
     return {"rows": rows, "next_before": next_before, "currency": request.app[REGISTRY].currency}
 
 
