@@ -260,13 +260,13 @@ class Proxy:
             raise
         finally:
             self.live.pop(request_id, None)
+            # Settle off the response path: a non-streamed answer goes out now, and a keep-alive
+            # connection's next request does not queue behind this one's Redis round trip. The task
+            # is not tied to this handler, so a cancellation (client gone) cannot stop it; shutdown
+            # waits for every pending settlement.
             task = asyncio.get_running_loop().create_task(self._settle(ex))
             self.background.add(task)
             task.add_done_callback(self.background.discard)
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                pass  # the settlement goes on in the background; shutdown waits for it
 
     # ----- upstream -------------------------------------------------------------------------------
     def _upstream_request(
