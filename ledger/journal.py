@@ -126,6 +126,10 @@ class JournalWorker:
             except (OSError, RedisError, sqlite3.OperationalError) as exc:
                 # Redis or the disk is away for a moment: keep the loop, the stream keeps the events.
                 log.warning("journal worker pass failed: %s", type(exc).__name__)
+            except Exception as exc:
+                # A bug (a malformed event): nothing of the batch was committed and the stream keeps
+                # it; say so loudly on every pass until someone fixes it, and keep sweeping.
+                log.error("journal worker cannot apply a batch: %s %s", type(exc).__name__, str(exc)[:120])
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
             except TimeoutError:
@@ -166,15 +170,16 @@ def apply_events(conn: sqlite3.Connection, shard: int, events: Sequence[Event]) 
 
 
 def _int(v: Any) -> int:
+    """Event fields are integers written by the Lua scripts (%d) or counts in the metering JSON.
+    Anything else is a bug upstream of the journal: refuse it (the batch is not applied and the
+    stream keeps it) rather than book a guessed amount."""
     if v is None or v == "" or isinstance(v, bool):
         return int(bool(v))
-    try:
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and v.lstrip("-").isdigit():
         return int(v)
-    except (TypeError, ValueError):
-        try:
-            return int(float(v))
-        except (TypeError, ValueError):
-            return 0
+    raise ValueError(f"journal field is not an integer: {v!r}"[:80])
 
 
 def _ensure_account(conn: sqlite3.Connection, acct: str, ts: int) -> None:
