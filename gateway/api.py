@@ -14,6 +14,7 @@ from . import errors as E
 from . import tokens
 from .appkeys import LEDGER, METRICS, PROXY, REDIS, REGISTRY
 from .auth import authenticate
+from .jsonbody import read_json_object
 from .proxy import Proxy
 
 __all__ = ["api_routes"]
@@ -71,13 +72,7 @@ async def balance(request: web.Request) -> web.Response:
 
 async def count_tokens(request: web.Request) -> web.Response:
     await authenticate(request, request.app[LEDGER])
-    raw = await request.read()
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise E.BadRequest("Request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise E.BadRequest("Request body must be a JSON object.")
+    body = await read_json_object(request)
     model = body.get("model")
     if not isinstance(model, str) or request.app[REGISTRY].get(model) is None:
         raise E.NotFound(f"Model {model!r} is not available here; GET /v1/models lists the models.", param="model")

@@ -11,8 +11,8 @@ import aiohttp
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from ledger.keys import Keyspace
 from ledger.journal import JournalWorker
+from ledger.keys import Keyspace
 from ledger.ledger import Ledger
 from ledger.store import Store
 

@@ -31,6 +31,7 @@ from . import errors as E
 from . import tokens
 from .appkeys import REQUEST_ID
 from .auth import authenticate
+from .jsonbody import read_json_object
 from .metrics import Metrics
 from .models import Model, Prices, Registry
 from .settings import Settings
@@ -141,18 +142,6 @@ class Proxy:
     async def messages(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, "anthropic")
 
-    async def _read_body(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
-        if not raw:
-            raise E.BadRequest("Request body is empty; send a JSON object.")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise E.BadRequest("Request body is not valid JSON.") from None
-        if not isinstance(body, dict):
-            raise E.BadRequest("Request body must be a JSON object.")
-        return body
-
     def _validate(self, body: dict[str, Any], fmt: str) -> Model:
         model_name = body.get("model")
         if not isinstance(model_name, str) or not model_name:
@@ -192,7 +181,7 @@ class Proxy:
 
     async def _handle(self, request: web.Request, fmt: str) -> web.StreamResponse:
         key = await authenticate(request, self.ledger)
-        body = await self._read_body(request)
+        body = await read_json_object(request)
         model = self._validate(body, fmt)
         request_id: str = request[REQUEST_ID]
         if fmt == "anthropic":

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from ledger.money import parse_amount
 
 from .. import errors as E
 from ..appkeys import LEDGER, SETTINGS
+from ..jsonbody import read_json_object
 from ..omise_api import OmiseUnavailable, parse_event, verify_webhook_signature
 from ..web import check_csrf, require_account
 from ..web.api import json_response
@@ -35,19 +35,6 @@ def _payments(request: web.Request) -> Payments:
     return payments
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw:
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise E.BadRequest("Request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise E.BadRequest("Request body must be a JSON object.")
-    return body
-
-
 def topup_answer(payments: Payments, topup: Any, charge: Any) -> dict[str, Any]:
     """POST /api/topups' answer: the top-up, plus where the payer goes next (3-D Secure or QR)."""
     out = topup_json(topup, currency=payments.currency)
@@ -65,7 +52,7 @@ async def post_topups(request: web.Request) -> web.Response:
     await check_csrf(request)
     payments = _payments(request)
     settings = request.app[SETTINGS]
-    body = await _body(request)
+    body = await read_json_object(request, required=False)
     if "amount" not in body:
         raise E.BadRequest("'amount' is required (currency units, e.g. 500).", param="amount")
     micro, minor = parse_topup_amount(
@@ -136,7 +123,7 @@ async def post_refund(request: web.Request) -> web.Response:
     account_id = await require_account(request)
     await check_csrf(request)
     payments = _payments(request)
-    body = await _body(request)
+    body = await read_json_object(request, required=False)
     outcome = await payments.refund_bucket(
         account_id, request.match_info["bucket_id"], amount_micro=parse_refund_amount(body.get("amount"))
     )

@@ -8,6 +8,7 @@ import orjson
 from aiohttp import web
 
 from .. import errors as E
+from ..jsonbody import read_json_object
 from .csrf import check_csrf, csrf_token
 from .export import export_history, export_usage
 from .service import (
@@ -43,19 +44,6 @@ async def require_account(request: web.Request) -> str:
     if account_id is None:
         raise E.Unauthorized("Sign in first: this call needs a signed-in browser session.")
     return account_id
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw:
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise E.BadRequest("Request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise E.BadRequest("Request body must be a JSON object.")
-    return body
 
 
 def _int_param(request: web.Request, name: str, default: int | None) -> int | None:
@@ -137,7 +125,7 @@ async def get_history_export(request: web.Request) -> web.StreamResponse:
 async def post_low_balance(request: web.Request) -> web.Response:
     account_id = await require_account(request)
     await check_csrf(request)
-    body = await _body(request)
+    body = await read_json_object(request, required=False)
     if "amount" not in body:
         raise E.BadRequest("'amount' is required (currency units; 0 switches the alert off).", param="amount")
     return json_response(await set_low_balance(request, account_id, parse_threshold(body["amount"])))
@@ -146,7 +134,7 @@ async def post_low_balance(request: web.Request) -> web.Response:
 async def post_close(request: web.Request) -> web.Response:
     account_id = await require_account(request)
     await check_csrf(request)
-    body = await _body(request)
+    body = await read_json_object(request, required=False)
     if body.get("confirm") is not True:
         raise E.BadRequest('Closing the account needs {"confirm": true}.', param="confirm")
     result = await close_account(request, account_id)

@@ -1,0 +1,28 @@
+"""Reading a request's JSON object body, with the same 400s everywhere (never quoting the body)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from . import errors as E
+
+__all__ = ["read_json_object"]
+
+
+async def read_json_object(request: web.Request, *, required: bool = True) -> dict[str, Any]:
+    """The body as a dict. Empty: 400 when required, else {}. aiohttp enforces MAX_BODY_BYTES (413)."""
+    raw = await request.read()
+    if not raw:
+        if required:
+            raise E.BadRequest("Request body is empty; send a JSON object.")
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise E.BadRequest("Request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise E.BadRequest("Request body must be a JSON object.")
+    return body
