@@ -495,6 +495,10 @@ class Proxy:
                         out += translator.feed(etype, obj)
                 if out:
                     await resp.write(out)
+                elif chunk.startswith(b":"):
+                    # The upstream's keep-alive while it thinks: pass one on (a comment is valid SSE in
+                    # either format) so the client's idle timer does not give up on a live answer.
+                    await resp.write(b": keep-alive\n\n")
                 if translator.done:
                     break
         except TimeoutError:

@@ -500,3 +500,21 @@ async def test_n_above_one_is_refused_before_anything_is_reserved(gw: Gateway, f
     assert status == 400 and orjson.loads(raw)["error"]["param"] == "n"
     await assert_nothing_charged(gw, fake, key, 10_000_000)
     assert await gw.metering() == []
+
+
+async def test_upstream_keepalives_reach_a_translated_stream_as_sse_comments(gw: Gateway, fake: FakeUpstream) -> None:
+    # DeepSeek under load: ": keep-alive" while it thinks. The Anthropic client must see the stream
+    # alive (a comment is valid SSE for both formats) and still get a well-formed event sequence.
+    fake.script = Script(flavour="deepseek", keepalives=3, first_byte_delay_s=0.3)
+    key = await gw.funded_key(10)
+    body = {"model": "gpt-test", "max_tokens": 200, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with gw.http.post(gw.url + "/v1/messages", json=body, headers={"x-api-key": key}) as r:
+        assert r.status == 200
+        raw = await r.read()
+    assert raw.count(b": keep-alive\n\n") == 3
+    events = SSEParser().feed(raw)
+    assert events[0].event == "message_start" and events[-1].event == "message_stop"
+    text = "".join(
+        orjson.loads(e.data)["delta"].get("text", "") for e in events if e.event == "content_block_delta"
+    )
+    assert text == DEFAULT_TEXT
