@@ -129,7 +129,7 @@ class JournalWorker:
             except Exception as exc:
                 # A bug (a malformed event): nothing of the batch was committed and the stream keeps
                 # it; say so loudly on every pass until someone fixes it, and keep sweeping.
-                log.error("journal worker cannot apply a batch: %s %s", type(exc).__name__, str(exc)[:120])
+                log.error("journal worker cannot apply a batch: %s", type(exc).__name__)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
             except TimeoutError:
@@ -179,7 +179,7 @@ def _int(v: Any) -> int:
         return v
     if isinstance(v, str) and v.lstrip("-").isdigit():
         return int(v)
-    raise ValueError(f"journal field is not an integer: {v!r}"[:80])
+    raise ValueError("a journal field is not an integer")
 
 
 def _ensure_account(conn: sqlite3.Connection, acct: str, ts: int) -> None:
