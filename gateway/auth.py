@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ledger.keys import API_KEY_PREFIX
+from ledger.keys import API_KEY_PREFIX, hash_api_key
 from ledger.ledger import KeyRef, Ledger
 
 from . import errors as E
 
-__all__ = ["api_key_from", "authenticate"]
+__all__ = ["KeyCache", "api_key_from", "authenticate", "authenticate_cached"]
 
 _MAX_KEY_LEN = 128
 
@@ -22,7 +22,10 @@ def api_key_from(request: web.Request) -> str | None:
     return key or None
 
 
-async def authenticate(request: web.Request, ledger: Ledger) -> KeyRef:
+REVOKED = "Invalid or revoked API key. Create or renew a key on the dashboard."
+
+
+def _key_of(request: web.Request) -> str:
     key = api_key_from(request)
     if key is None:
         raise E.Unauthorized(
@@ -30,7 +33,49 @@ async def authenticate(request: web.Request, ledger: Ledger) -> KeyRef:
         )
     if not key.startswith(API_KEY_PREFIX) or len(key) > _MAX_KEY_LEN:
         raise E.Unauthorized("Invalid API key. Keys start with 'cpk_'; create one on the dashboard.")
-    ref = await ledger.lookup_key(key)
+    return key
+
+
+async def authenticate(request: web.Request, ledger: Ledger) -> KeyRef:
+    """One Redis round trip: the key's hash resolves to its account, or to nothing once revoked."""
+    ref = await ledger.lookup_key(_key_of(request))
     if ref is None:
-        raise E.Unauthorized("Invalid or revoked API key. Create or renew a key on the dashboard.")
+        raise E.Unauthorized(REVOKED)
     return ref
+
+
+class KeyCache:
+    """Key hash -> KeyRef for keys seen live, bounded, in process.
+
+    A key's account never changes, so an entry can only go stale by revocation, and the metered path
+    passes the hash to the reserve script, which refuses a revoked key atomically: revocation still
+    stops a key at once, and a metered request saves the look-up round trip.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._refs: dict[str, KeyRef] = {}
+
+    def get(self, key_hash: str) -> KeyRef | None:
+        return self._refs.get(key_hash)
+
+    def put(self, key_hash: str, ref: KeyRef) -> None:
+        if len(self._refs) >= self.size:
+            self._refs.pop(next(iter(self._refs)))  # oldest first
+        self._refs[key_hash] = ref
+
+    def drop(self, key_hash: str) -> None:
+        self._refs.pop(key_hash, None)
+
+
+async def authenticate_cached(request: web.Request, ledger: Ledger, cache: KeyCache) -> tuple[KeyRef, str]:
+    """For the metered routes only: (KeyRef, key hash); the caller must reserve with the hash."""
+    key = _key_of(request)
+    key_hash = hash_api_key(key)
+    ref = cache.get(key_hash)
+    if ref is None:
+        ref = await ledger.lookup_key(key)
+        if ref is None:
+            raise E.Unauthorized(REVOKED)
+        cache.put(key_hash, ref)
+    return ref, key_hash

@@ -30,7 +30,7 @@ from ledger.money import iso_ms
 from . import errors as E
 from . import tokens
 from .appkeys import REQUEST_ID
-from .auth import authenticate
+from .auth import REVOKED, KeyCache, authenticate_cached
 from .jsonbody import read_json_object
 from .metrics import Metrics
 from .models import Model, Prices, Registry
@@ -124,6 +124,7 @@ class Proxy:
         self.metrics = metrics
         self.background = background
         self.live: dict[str, str] = {}  # request_id -> account_id, for the reservation heartbeat
+        self.key_cache = KeyCache()
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             connect=settings.upstream_connect_timeout_s,
@@ -180,7 +181,7 @@ class Proxy:
         return int(min(asked, model.max_output_tokens))
 
     async def _handle(self, request: web.Request, fmt: str) -> web.StreamResponse:
-        key = await authenticate(request, self.ledger)
+        key, key_hash = await authenticate_cached(request, self.ledger, self.key_cache)
         body = await read_json_object(request)
         model = self._validate(body, fmt)
         request_id: str = request[REQUEST_ID]
@@ -204,7 +205,11 @@ class Proxy:
                 key_id=key.key_id,
                 min_micro=minimum,
                 concurrency_limit=self.settings.key_concurrency_limit,
+                key_hash=key_hash,
             )
+        except LE.UnknownKey:
+            self.key_cache.drop(key_hash)  # revoked since it was cached: the reserve script said so
+            raise E.Unauthorized(REVOKED) from None
         except LE.InsufficientFunds as err:
             raise E.InsufficientCredit(
                 f"Not enough credit for this request: it needs at least {minimum} micro-units "

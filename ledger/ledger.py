@@ -359,14 +359,16 @@ class Ledger:
         min_micro: int | None = None,
         concurrency_limit: int = 0,
         ttl_s: int = RESERVATION_TTL_S,
+        key_hash: str = "",
     ) -> int:
-        """Hold credit; returns the amount held. With min_micro below the amount, holds what is there."""
+        """Hold credit; returns the amount held. With min_micro below the amount, holds what is there.
+        With key_hash, refuses (UnknownKey) unless that key is still live, atomically."""
         _check_amount(amount_micro)
         minimum = amount_micro if min_micro is None else min(min_micro, amount_micro)
         now = self.now_ms()
         res = await self._run(
             "reserve", account_id, request_id, account_id, key_id, amount_micro, minimum, now,
-            now + ttl_s * 1000, concurrency_limit,
+            now + ttl_s * 1000, concurrency_limit, key_hash,
         )
         tag = res[0]
         if tag in ("ok", "exists"):
@@ -379,6 +381,8 @@ class Ledger:
             raise AccountClosed("the account is closed")
         if tag == "no_account":
             raise UnknownAccount("no such account")
+        if tag == "revoked":
+            raise UnknownKey("the API key was revoked")
         raise LedgerError(f"reservation {request_id} already finished")
 
     async def settle(

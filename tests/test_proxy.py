@@ -276,3 +276,25 @@ price_output = "4"
     usage = Usage(input_cache_hit=1000, input_cache_miss=3000, output=777)
     assert rows["ds-offpeak"]["charge_micro"] == charge_micro(usage, hit=250_000, miss=1_000_000, out=4_000_000)
     assert rows["ds-peak"]["charge_micro"] == charge_micro(usage, hit=500_000, miss=2_000_000, out=8_000_000)
+
+
+async def test_a_key_revoked_elsewhere_stops_at_once_on_the_metered_path(gw: Gateway, fake: FakeUpstream) -> None:
+    # The proxy remembers key -> account after the first request (no look-up round trip), so the
+    # revocation must be caught by the reserve script itself, even when another process revoked it.
+    key = await gw.funded_key(10)
+    h = {"Authorization": f"Bearer {key}"}
+    async with gw.http.post(gw.url + "/v1/chat/completions", json=chat(), headers=h) as r:
+        assert r.status == 200
+    ref = await gw.ledger.lookup_key(key)
+    assert ref is not None
+    await gw.ledger.revoke_key(ref.key_id)
+    for _ in range(2):  # and it stays refused (the entry is dropped, then the look-up says no)
+        async with gw.http.post(gw.url + "/v1/chat/completions", json=chat(), headers=h) as r:
+            assert r.status == 401
+            assert "revoked" in (await r.json())["error"]["message"]
+    assert len(fake.requests) == 1
+    rows = await gw.settled(1)
+    assert len(rows) == 1
+    bal = await gw.ledger.balance(ref.account_id)
+    assert bal.reserved_micro == 0 and bal.available_micro == 10_000_000 - rows[0]["charge_micro"]
+    await gw.reconcile_ok()

@@ -1,13 +1,20 @@
 -- Hold credit for a request, drawn from the soonest-expiring unexpired buckets.
 -- The per-key concurrency limit is the number of open reservations of the key (no counter to drift).
 -- KEYS[1] shard journal
--- ARGV: request_id, account_id, key_id, amount, min_amount, now_ms, deadline_ms, concurrency_limit (0 = none)
+-- ARGV: request_id, account_id, key_id, amount, min_amount, now_ms, deadline_ms, concurrency_limit (0 = none),
+--       key_hash ('' = not checked)
 -- min_amount == amount: all or nothing. min_amount < amount: hold what is available, at least min.
+-- With key_hash, the key must still be live, checked in the same atomic call: the gateway may then
+-- resolve key -> account from a local cache and still have "revoke stops it at once".
 -- Returns {'ok', held} | {'exists', held} | {'done'} | {'short', available} | {'busy', open}
---       | {'no_account'} | {'closed'}
+--       | {'no_account'} | {'closed'} | {'revoked'}
 local PFX = string.sub(KEYS[1], 1, -2)
 local req, acct, key_id, amount, min_amount, now, deadline, limit =
   ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local key_hash = ARGV[9] or ''
+if key_hash ~= '' and redis.call('HGET', PFX .. 'kh:' .. key_hash, 'key_id') ~= key_id then
+  return {'revoked'}
+end
 local r = k_resv(PFX, req)
 local held = redis.call('HGET', r, 'held')
 if held then return {'exists', held} end
