@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ledger.keys import shard_of
 from ledger.ledger import Ledger
@@ -116,11 +116,7 @@ async def account_state(
         problems.append(f"{account_id}: bucket amounts {amounts} != credited {state.credited}")
     if open_held != state.reserved:
         problems.append(f"{account_id}: open reservations hold {open_held} != reserved {state.reserved}")
-    return AccountState(**{**_fields(state), "problems": tuple(problems)})
-
-
-def _fields(state: AccountState) -> dict[str, object]:
-    return {name: getattr(state, name) for name in AccountState.__slots__}
+    return replace(state, problems=tuple(problems))
 
 
 async def check_conservation(ledger: Ledger) -> list[str]:

@@ -67,7 +67,12 @@ async def test_credit_creates_a_bucket_that_expires_in_30_days(ledger: Ledger) -
     assert c.expires_at == ledger.now_ms() + DEFAULT_BUCKET_LIFE_S * 1000
     b = await ledger.bucket(c.bucket_id)
     assert b is not None
-    assert (b.amount_micro, b.remaining_micro, b.source, b.reference) == (5_000_000, 5_000_000, "topup", "chrg_1")
+    assert (b.amount_micro, b.remaining_micro, b.source, b.reference) == (
+        5_000_000,
+        5_000_000,
+        "topup",
+        "chrg_1",
+    )
     assert await ledger.bucket_account(c.bucket_id) == acct
     assert await available(ledger, acct) == 5_000_000
     await conserved(ledger)
@@ -80,7 +85,9 @@ async def test_credit_is_idempotent_on_reference(ledger: Ledger, clock: Clock) -
     again = await ledger.credit(acct, 9_000_000, reference="chrg_1", source="topup")
     assert not again.created
     assert (again.bucket_id, again.amount_micro, again.expires_at) == (
-        first.bucket_id, 5_000_000, first.expires_at
+        first.bucket_id,
+        5_000_000,
+        first.expires_at,
     )
     info = await ledger.account(acct)
     assert info is not None and info.credited == 5_000_000
@@ -157,9 +164,15 @@ async def test_reserve_refused_on_closed_or_unknown_account(ledger: Ledger) -> N
 async def test_reserve_draws_the_soonest_expiring_bucket_first(ledger: Ledger) -> None:
     acct = await new_account(ledger)
     now = ledger.now_ms()
-    mid = (await ledger.credit(acct, 30, reference="a", source="grant", expires_at_ms=now + 10 * DAY_S * 1000)).bucket_id
-    soon = (await ledger.credit(acct, 30, reference="b", source="grant", expires_at_ms=now + 5 * DAY_S * 1000)).bucket_id
-    late = (await ledger.credit(acct, 30, reference="c", source="grant", expires_at_ms=now + 20 * DAY_S * 1000)).bucket_id
+    mid = (
+        await ledger.credit(acct, 30, reference="a", source="grant", expires_at_ms=now + 10 * DAY_S * 1000)
+    ).bucket_id
+    soon = (
+        await ledger.credit(acct, 30, reference="b", source="grant", expires_at_ms=now + 5 * DAY_S * 1000)
+    ).bucket_id
+    late = (
+        await ledger.credit(acct, 30, reference="c", source="grant", expires_at_ms=now + 20 * DAY_S * 1000)
+    ).bucket_id
     await ledger.reserve(acct, req(acct), 20)
     assert await remaining(ledger, soon, mid, late) == [10, 30, 30]
     await ledger.reserve(acct, req(acct), 25)
@@ -183,7 +196,9 @@ async def test_reserve_breaks_expiry_ties_to_the_older_bucket(ledger: Ledger, cl
 async def test_expired_bucket_is_unusable_from_its_expiry_instant(ledger: Ledger, clock: Clock) -> None:
     acct = await new_account(ledger)
     now = ledger.now_ms()
-    short = (await ledger.credit(acct, 100, reference="a", source="grant", expires_at_ms=now + 10_000)).bucket_id
+    short = (
+        await ledger.credit(acct, 100, reference="a", source="grant", expires_at_ms=now + 10_000)
+    ).bucket_id
     clock.advance(9)
     assert await available(ledger, acct) == 100
     clock.advance(1)  # exactly the expiry instant; no sweep has run
@@ -205,8 +220,12 @@ async def test_expired_bucket_is_unusable_from_its_expiry_instant(ledger: Ledger
 async def test_settle_returns_the_surplus_to_the_buckets_it_came_from(ledger: Ledger) -> None:
     acct = await new_account(ledger)
     now = ledger.now_ms()
-    soon = (await ledger.credit(acct, 30, reference="a", source="grant", expires_at_ms=now + DAY_S * 1000)).bucket_id
-    late = (await ledger.credit(acct, 100, reference="b", source="grant", expires_at_ms=now + 9 * DAY_S * 1000)).bucket_id
+    soon = (
+        await ledger.credit(acct, 30, reference="a", source="grant", expires_at_ms=now + DAY_S * 1000)
+    ).bucket_id
+    late = (
+        await ledger.credit(acct, 100, reference="b", source="grant", expires_at_ms=now + 9 * DAY_S * 1000)
+    ).bucket_id
     rid = req(acct)
     assert await ledger.reserve(acct, rid, 50) == 50
     assert await remaining(ledger, soon, late) == [0, 80]
@@ -223,8 +242,12 @@ async def test_settle_returns_the_surplus_to_the_buckets_it_came_from(ledger: Le
 async def test_settle_overrun_draws_from_the_next_buckets(ledger: Ledger) -> None:
     acct = await new_account(ledger)
     now = ledger.now_ms()
-    soon = (await ledger.credit(acct, 30, reference="a", source="grant", expires_at_ms=now + DAY_S * 1000)).bucket_id
-    late = (await ledger.credit(acct, 100, reference="b", source="grant", expires_at_ms=now + 9 * DAY_S * 1000)).bucket_id
+    soon = (
+        await ledger.credit(acct, 30, reference="a", source="grant", expires_at_ms=now + DAY_S * 1000)
+    ).bucket_id
+    late = (
+        await ledger.credit(acct, 100, reference="b", source="grant", expires_at_ms=now + 9 * DAY_S * 1000)
+    ).bucket_id
     rid = req(acct)
     await ledger.reserve(acct, rid, 20)
     s = await ledger.settle(acct, rid, 50, metering={})
@@ -308,8 +331,12 @@ async def test_extend_keeps_a_long_reservation_from_the_stale_sweep(ledger: Ledg
 async def test_release_returns_every_micro_unit_to_its_bucket(ledger: Ledger) -> None:
     acct = await new_account(ledger)
     now = ledger.now_ms()
-    soon = (await ledger.credit(acct, 30, reference="a", source="grant", expires_at_ms=now + DAY_S * 1000)).bucket_id
-    late = (await ledger.credit(acct, 100, reference="b", source="grant", expires_at_ms=now + 9 * DAY_S * 1000)).bucket_id
+    soon = (
+        await ledger.credit(acct, 30, reference="a", source="grant", expires_at_ms=now + DAY_S * 1000)
+    ).bucket_id
+    late = (
+        await ledger.credit(acct, 100, reference="b", source="grant", expires_at_ms=now + 9 * DAY_S * 1000)
+    ).bucket_id
     rid = req(acct)
     await ledger.reserve(acct, rid, 70)
     assert await remaining(ledger, soon, late) == [0, 60]
@@ -325,7 +352,9 @@ async def test_release_returns_every_micro_unit_to_its_bucket(ledger: Ledger) ->
 async def test_release_into_an_expired_bucket_forfeits_at_once(ledger: Ledger, clock: Clock) -> None:
     acct = await new_account(ledger)
     now = ledger.now_ms()
-    short = (await ledger.credit(acct, 100, reference="a", source="grant", expires_at_ms=now + 60_000)).bucket_id
+    short = (
+        await ledger.credit(acct, 100, reference="a", source="grant", expires_at_ms=now + 60_000)
+    ).bucket_id
     rid = req(acct)
     await ledger.reserve(acct, rid, 40)
     clock.advance(61)
@@ -380,7 +409,9 @@ async def test_refund_more_than_remaining_is_refused(ledger: Ledger) -> None:
 
 async def test_refund_of_an_expired_bucket_is_refused(ledger: Ledger, clock: Clock) -> None:
     acct = await new_account(ledger)
-    bid = (await ledger.credit(acct, 100, reference="a", source="topup", expires_at_ms=ledger.now_ms() + 5000)).bucket_id
+    bid = (
+        await ledger.credit(acct, 100, reference="a", source="topup", expires_at_ms=ledger.now_ms() + 5000)
+    ).bucket_id
     clock.advance(5)  # at the expiry instant, before any sweep
     with pytest.raises(NotRefundable):
         await ledger.refund(acct, bid, refund_id="rfd_1")
@@ -431,7 +462,9 @@ async def test_finish_refund_reverted_puts_the_credit_back(ledger: Ledger) -> No
 
 async def test_finish_refund_reverted_after_expiry_forfeits(ledger: Ledger, clock: Clock) -> None:
     acct = await new_account(ledger)
-    bid = (await ledger.credit(acct, 100, reference="a", source="topup", expires_at_ms=ledger.now_ms() + 60_000)).bucket_id
+    bid = (
+        await ledger.credit(acct, 100, reference="a", source="topup", expires_at_ms=ledger.now_ms() + 60_000)
+    ).bucket_id
     await ledger.refund(acct, bid, refund_id="rfd_1", amount_micro=30)
     clock.advance(60)
     assert await ledger.finish_refund(acct, "rfd_1", ok=False)
@@ -451,8 +484,12 @@ async def test_finish_refund_reverted_after_expiry_forfeits(ledger: Ledger, cloc
 async def test_expire_forfeits_and_is_idempotent(ledger: Ledger, clock: Clock) -> None:
     acct = await new_account(ledger)
     now = ledger.now_ms()
-    short = (await ledger.credit(acct, 100, reference="a", source="grant", expires_at_ms=now + 60_000)).bucket_id
-    long = (await ledger.credit(acct, 100, reference="b", source="grant", expires_at_ms=now + 600_000)).bucket_id
+    short = (
+        await ledger.credit(acct, 100, reference="a", source="grant", expires_at_ms=now + 60_000)
+    ).bucket_id
+    long = (
+        await ledger.credit(acct, 100, reference="b", source="grant", expires_at_ms=now + 600_000)
+    ).bucket_id
     rid = req(acct)
     await ledger.reserve(acct, rid, 30)
     await ledger.settle(acct, rid, 30, metering={})
@@ -609,7 +646,12 @@ async def test_closing_an_account_revokes_keys_and_forgets_email_and_sub(ledger:
     assert await ledger.lookup_key(k1.key) is None and await ledger.lookup_key(k2.key) is None
     assert await ledger.find_account_by_sub(sub) is None
     info = await ledger.account(acct)
-    assert info is not None and (info.status, info.email, info.forfeited, info.consumed) == ("closed", None, 90, 10)
+    assert info is not None and (info.status, info.email, info.forfeited, info.consumed) == (
+        "closed",
+        None,
+        90,
+        10,
+    )
     # Everything except the journal stream: it keeps account_created (with the email) until the
     # journal worker has written it to SQLite and trimmed the stream.
     dump = await scan_ledger(ledger, skip_journal=True)
@@ -670,7 +712,9 @@ async def test_every_operation_survives_a_script_flush(
     await ledger.revoke_key(key.key_id)
     await loaded_now()
     await flushed()
-    bid = (await ledger.credit(acct, 100, reference="a", source="topup", expires_at_ms=ledger.now_ms() + 10_000)).bucket_id
+    bid = (
+        await ledger.credit(acct, 100, reference="a", source="topup", expires_at_ms=ledger.now_ms() + 10_000)
+    ).bucket_id
     await loaded_now()
     await flushed()
     r1 = req(acct)
@@ -697,7 +741,21 @@ async def test_every_operation_survives_a_script_flush(
     await flushed()
     assert await ledger.close_account(acct) == (0, 0)
     await loaded_now()
-    assert seen == set(SCRIPT_NAMES)
+    exercised = {
+        "account_create",
+        "account_set",
+        "key_create",
+        "key_revoke",
+        "credit",
+        "reserve",
+        "settle",
+        "release",
+        "refund",
+        "refund_finish",
+        "expire",
+        "account_close",
+    }
+    assert exercised <= set(SCRIPT_NAMES) and exercised <= seen
     await conserved(ledger)
 
 
@@ -738,3 +796,21 @@ async def test_a_reservation_holding_nothing_settles_and_releases(ledger: Ledger
     assert info is not None and (info.reserved, info.consumed) == (0, 0)
     assert [e["req"] for e in await events(ledger, acct, "released")] == [r1]
     await conserved(ledger)
+
+
+async def test_the_conservation_checker_catches_a_broken_ledger(ledger: Ledger) -> None:
+    acct = await new_account(ledger)
+    bid = (await ledger.credit(acct, 100, reference="a", source="grant")).bucket_id
+    await ledger.reserve(acct, req(acct), 30)
+    await conserved(ledger)
+    pfx = ledger.keys.pfx_for(acct)
+    await ledger.redis.hincrby(pfx + "b:" + bid, "remaining", 1)  # credit from nowhere
+    problems = await check_conservation(ledger)
+    assert len(problems) == 1 and "credited 100 != available 71" in problems[0]
+    await ledger.redis.hincrby(pfx + "b:" + bid, "remaining", -1)
+    await ledger.redis.hincrby(pfx + "a:" + acct, "reserved", 5)  # reserved without a reservation
+    problems = await check_conservation(ledger)
+    assert any("open reservations hold 30 != reserved 35" in p for p in problems)
+    await ledger.redis.hincrby(pfx + "a:" + acct, "reserved", -5)
+    await ledger.redis.hset(pfx + "b:" + bid, "remaining", 200)
+    assert any("outside [0, 100]" in p for p in await check_conservation(ledger))
