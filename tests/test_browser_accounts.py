@@ -76,7 +76,8 @@ async def test_sign_in_key_use_usage_export_and_close_in_a_real_browser(
                 key = (await page.inner_text("#new-key")).strip()
                 assert key.startswith("cpk_")
                 await page.click("#copy-key")
-                await page.wait_for_function("document.querySelector('.copied').textContent.length > 0")
+                # A selector, not wait_for_function: our CSP forbids the eval that would need.
+                await page.wait_for_selector(".copied:not(:empty)")
                 copied = await page.evaluate("navigator.clipboard.readText()")
                 assert copied == key
                 assert f'ANTHROPIC_AUTH_TOKEN="{key}"' in await page.inner_text("#cfg-claude")
