@@ -814,3 +814,17 @@ async def test_the_conservation_checker_catches_a_broken_ledger(ledger: Ledger) 
     await ledger.redis.hincrby(pfx + "a:" + acct, "reserved", -5)
     await ledger.redis.hset(pfx + "b:" + bid, "remaining", 200)
     assert any("outside [0, 100]" in p for p in await check_conservation(ledger))
+
+
+async def test_expiry_alone_records_a_low_balance_crossing(ledger: Ledger, clock: Clock) -> None:
+    acct = await new_account(ledger, low_threshold_micro=50)
+    now = ledger.now_ms()
+    await ledger.credit(acct, 100, reference="soon", source="topup", expires_at_ms=now + 1_000)
+    await ledger.credit(acct, 30, reference="late", source="topup", expires_at_ms=now + 86_400_000)
+    assert await events(ledger, acct, "low_balance") == []
+    clock.advance(2)
+    assert await ledger.expire() == (1, 100)  # 130 -> 30, below 50, with no request in between
+    lows = await events(ledger, acct, "low_balance")
+    assert [(e["available"], e["threshold"]) for e in lows] == [("30", "50")]
+    assert (await ledger.balance(acct)).low_balance
+    await conserved(ledger)

@@ -14,6 +14,7 @@ for _, bid in ipairs(ids) do
     redis.call('HINCRBY', k_account(PFX, acct), 'forfeited', rem)
     journal(PFX, now, 't', 'forfeited', 'account', acct, 'bucket', bid, 'amount', fmt(rem))
     total = total + rem
+    check_low(PFX, acct, now)  -- expiry alone can take a balance below its alert threshold
   end
   redis.call('ZREM', PFX .. 'bexp', bid)
 end
