@@ -14,6 +14,7 @@ import functools
 import logging
 import random
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,8 +198,8 @@ class Proxy:
         ceiling = input_cost + _cost(requested_out, prices.out)
         useful = min(self.settings.min_output_tokens, requested_out)
         minimum = input_cost + _cost(useful, prices.out)
-        try:
-            held = await self.ledger.reserve(
+        reservation = asyncio.ensure_future(
+            self.ledger.reserve(
                 key.account_id,
                 request_id,
                 ceiling,
@@ -207,6 +208,13 @@ class Proxy:
                 concurrency_limit=self.settings.key_concurrency_limit,
                 key_hash=key_hash,
             )
+        )
+        try:
+            # Shielded: a client leaving right now must not strand a hold that Redis already made.
+            held = await asyncio.shield(reservation)
+        except asyncio.CancelledError:
+            self._in_background(self._release_when_made(reservation, key.account_id, request_id))
+            raise
         except LE.UnknownKey:
             self.key_cache.drop(key_hash)  # revoked since it was cached: the reserve script said so
             raise E.Unauthorized(REVOKED) from None
@@ -258,9 +266,23 @@ class Proxy:
             # connection's next request does not queue behind this one's Redis round trip. The task
             # is not tied to this handler, so a cancellation (client gone) cannot stop it; shutdown
             # waits for every pending settlement.
-            task = asyncio.get_running_loop().create_task(self._settle(ex))
-            self.background.add(task)
-            task.add_done_callback(self.background.discard)
+            self._in_background(self._settle(ex))
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _release_when_made(self, reservation: asyncio.Future[int], account_id: str, request_id: str) -> None:
+        try:
+            await reservation
+        except Exception:
+            return  # refused or failed: nothing is held
+        try:
+            await self.ledger.release(account_id, request_id, reason="client_disconnect")
+        except Exception as exc:
+            # The worker's stale sweep releases it after its deadline.
+            log.warning("release failed request_id=%s error=%s", request_id, type(exc).__name__)
 
     # ----- upstream -------------------------------------------------------------------------------
     def _upstream_request(

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
@@ -82,6 +83,44 @@ async def test_redis_down_before_a_request_is_503_in_the_client_format(
             async with gw.http.post(gw.url + "/v1/messages", json=body, headers={"x-api-key": key}) as r:
                 assert r.status == 200
             await gw.settled(1)
+            await gw.reconcile_ok()
+    finally:
+        await via_relay.aclose()
+        keys = [k async for k in direct.scan_iter(match=f"{keyspace.prefix}:*")]
+        if keys:
+            await direct.delete(*keys)
+        await direct.aclose()
+
+
+async def test_a_client_leaving_while_its_hold_is_being_made_strands_nothing(
+    relay: TcpRelay, keyspace: Keyspace, tmp_path: Path
+) -> None:
+    via_relay = aioredis.Redis(host="127.0.0.1", port=relay.port, decode_responses=True, socket_timeout=5)
+    direct = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        async with FakeUpstream() as fake, running_gateway(via_relay, keyspace, tmp_path, fake) as gw:
+            key = await gw.funded_key(10)
+            account = await gw.account_of(key)
+            body = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+            h = {"Authorization": f"Bearer {key}"}
+            async with gw.http.post(gw.url + "/v1/chat/completions", json=body, headers=h) as r:
+                assert r.status == 200  # warms the key cache: the next request's first Redis call is the reserve
+            await gw.settled(1)
+            relay.hold_replies()  # Redis runs the reserve, its answer is slow to come back
+            with pytest.raises(asyncio.TimeoutError):
+                async with gw.http.post(gw.url + "/v1/chat/completions", json=body, headers=h,
+                                        timeout=aiohttp.ClientTimeout(total=0.3)) as r:
+                    await r.read()
+            await asyncio.sleep(0.2)
+            relay.release_replies()
+            for _ in range(100):  # released in the background as soon as the hold is known: no 5-minute wait
+                bal = await gw.ledger.balance(account)
+                if bal.reserved_micro == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert bal.reserved_micro == 0
+            assert len(fake.requests) == 1  # the abandoned request never reached the upstream
+            assert len(await gw.metering()) == 1
             await gw.reconcile_ok()
     finally:
         await via_relay.aclose()

@@ -12,6 +12,8 @@ class TcpRelay:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.up = True
+        self._replies = asyncio.Event()  # set: replies flow back; cleared: they wait (a slow Redis)
+        self._replies.set()
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.StreamWriter] = set()
 
@@ -39,6 +41,13 @@ class TcpRelay:
     def restore(self) -> None:
         self.up = True
 
+    def hold_replies(self) -> None:
+        """Requests still reach the target and run there; their replies wait until release_replies()."""
+        self._replies.clear()
+
+    def release_replies(self) -> None:
+        self._replies.set()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.up:
             writer.transport.abort()
@@ -50,13 +59,15 @@ class TcpRelay:
             return
         self._pipes.update((writer, up_writer))
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, gate: asyncio.Event | None) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
+                    if gate is not None:
+                        await gate.wait()
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, None), pipe(up_reader, writer, self._replies))
         self._pipes.discard(writer)
         self._pipes.discard(up_writer)
