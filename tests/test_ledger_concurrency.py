@@ -86,9 +86,9 @@ async def test_hundreds_of_concurrent_reserve_settle_pairs_never_overdraw(pooled
     bal = await ledger.balance(acct)
     assert bal.available_micro == credited - charged >= 0
     assert all(b.remaining_micro >= 0 for b in bal.buckets)
-    # The soonest-expiring bucket is drained before the later one is touched beyond it.
-    first, second = sorted(bal.buckets, key=lambda b: b.expires_at)
-    assert first.remaining_micro == 0 or second.remaining_micro == second.amount_micro
+    # (Which bucket ends with what is not fixed here: a settle returns its surplus to the buckets its
+    # own hold came from, so under concurrency both can end partly used. The soonest-first rule is
+    # tested sequentially in test_ledger.py and end to end in test_proxy.py.)
     assert await check_conservation(ledger) == []
 
 
