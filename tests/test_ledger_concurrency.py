@@ -239,8 +239,6 @@ async def test_concurrent_partial_holds_with_surplus_and_overrun_stay_conserved(
     assert info.consumed == charged <= credited
     assert bal.available_micro == credited - charged >= 0
     assert sum(n for n, _, _ in results) > 0
-    if any(s for _, _, s in results):  # once anything fell short, nothing was left for later draws
-        assert bal.available_micro < 2500
     assert await check_conservation(ledger) == []
 
 
