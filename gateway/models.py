@@ -101,21 +101,6 @@ class Registry:
     def get(self, name: str) -> Model | None:
         return self.models.get(name)
 
-    def with_base_url(self, provider: str, base_url: str) -> Registry:
-        """A copy with one provider pointed elsewhere (the demo at our own port; tests at fakes)."""
-        old = self.providers[provider]
-        new = Provider(old.name, base_url, old.format, old.api_key, old.api_key_env)
-        providers = {**self.providers, provider: new}
-        models = {
-            n: Model(
-                m.name, new if m.provider.name == provider else m.provider, m.upstream_model,
-                m.display_name, m.price_hit, m.price_miss, m.price_write, m.price_out,
-                m.max_output_tokens, m.created, m.windows,
-            )
-            for n, m in self.models.items()
-        }
-        return Registry(self.currency, providers, models)
-
 
 def load_registry(path: Path, env: Mapping[str, str]) -> Registry:
     try:

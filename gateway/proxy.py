@@ -48,7 +48,7 @@ from .translate import (
     openai_to_anthropic_request,
     openai_to_anthropic_response,
 )
-from .usage import UsageTracker, charge_micro
+from .usage import Usage, UsageTracker, charge_micro
 
 __all__ = ["Proxy"]
 
@@ -563,18 +563,14 @@ class Proxy:
             if ex.status == "bad_request":
                 await self.ledger.release(ex.account_id, ex.request_id, reason="bad_request")
                 return
+            # Nothing produced and nothing reported (the upstream refused, or the client left first):
+            # an all-zero usage, so the row records the request and the hold goes back in full.
+            usage, estimated = Usage(), False
             if ex.produced or ex.tracker.usage is not None:
-                result = await ex.tracker.result_async(ex.input_estimate)
-                usage, estimated = result.usage, result.estimated
-            else:
-                usage, estimated = None, False
-            if usage is None:
-                hit = miss = write = out = 0
-                charge = 0
-            else:
-                hit, miss, write, out = usage.input_cache_hit, usage.input_cache_miss, usage.cache_write, usage.output
-                p = ex.prices
-                charge = charge_micro(usage, hit=p.hit, miss=p.miss, out=p.out, write=p.write)
+                usage, estimated = await ex.tracker.result_async(ex.input_estimate)
+            p = ex.prices
+            charge = charge_micro(usage, hit=p.hit, miss=p.miss, out=p.out, write=p.write)
+            hit, miss, write, out = usage.input_cache_hit, usage.metered_miss, usage.cache_write, usage.output
             finished = self.ledger.now_ms()
             metering = {
                 "request_id": ex.request_id,
@@ -583,7 +579,7 @@ class Proxy:
                 "provider": model.provider.name,
                 "upstream_model": model.upstream_model,
                 "input_cache_hit_tokens": hit,
-                "input_cache_miss_tokens": miss + write,
+                "input_cache_miss_tokens": miss,  # cache writes included (SPEC 7)
                 "cache_write_tokens": write,
                 "output_tokens": out,
                 "status": ex.status,
@@ -593,10 +589,10 @@ class Proxy:
                 "latency_ms": finished - ex.started_ms,
             }
             settlement = await self._settle_with_retry(ex, charge, metering)
-            self.metrics.usage(model.name, hit, miss + write, out, settlement.charged_micro)
+            self.metrics.usage(model.name, hit, miss, out, settlement.charged_micro)
             log.info(
                 "settled request_id=%s model=%s status=%s in=%d/%d out=%d charge_micro=%d shortfall_micro=%d",
-                ex.request_id, model.name, ex.status, hit, miss + write, out, settlement.charged_micro, settlement.shortfall_micro,
+                ex.request_id, model.name, ex.status, hit, miss, out, settlement.charged_micro, settlement.shortfall_micro,
             )
         except Exception as exc:
             # The reservation stays; the worker releases it after its deadline. Ids only in the log.

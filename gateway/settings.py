@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ledger.money import parse_amount
@@ -105,9 +105,6 @@ class Settings:
     @property
     def cookie_secure(self) -> bool:
         return self.public_base_url.startswith("https://")
-
-    def with_port(self, port: int) -> Settings:
-        return replace(self, port=port)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:

@@ -389,22 +389,6 @@ class Store:
             ).fetchall()
         return [dict(r) for r in rows]
 
-    def account_history(self, account_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        """Money events other than requests, newest first: credits, refunds, forfeitures."""
-        with self.reader() as conn:
-            rows = conn.execute(
-                "SELECT * FROM ("
-                " SELECT created_ms AS at_ms, 'credit' AS kind, bucket_id, amount_micro, source AS detail"
-                "  FROM buckets WHERE account_id = :a"
-                " UNION ALL SELECT created_ms, 'refund', bucket_id,"
-                "  amount_micro, status FROM refunds WHERE account_id = :a"
-                " UNION ALL SELECT at_ms, 'forfeit', bucket_id,"
-                "  amount_micro, '' FROM forfeitures WHERE account_id = :a"
-                ") ORDER BY at_ms DESC LIMIT :n",
-                {"a": account_id, "n": max(1, min(int(limit), 1000))},
-            ).fetchall()
-        return [{**dict(r), "at": iso_ms(int(r["at_ms"]))} for r in rows]
-
     def history_rows(
         self, account_id: str, limit: int = 50, before: str | None = None
     ) -> list[dict[str, Any]]:
@@ -435,22 +419,6 @@ class Store:
             if len(rows) < chunk:
                 return
             at_ms, event_id = int(rows[-1]["at_ms"]), str(rows[-1]["event_id"])
-
-    def buckets_of(self, account_id: str) -> list[dict[str, Any]]:
-        with self.reader() as conn:
-            rows = conn.execute(
-                "SELECT * FROM buckets WHERE account_id = ? ORDER BY expires_ms, bucket_id", (account_id,)
-            ).fetchall()
-        return [dict(r) for r in rows]
-
-    def topups_of(self, account_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        """The account's top-ups, newest first."""
-        with self.reader() as conn:
-            rows = conn.execute(
-                "SELECT * FROM topups WHERE account_id = ? ORDER BY created_ms DESC LIMIT ?",
-                (account_id, max(1, min(int(limit), 1000))),
-            ).fetchall()
-        return [dict(r) for r in rows]
 
     def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         """A read for the ledger's own tools (reconcile, rebuild)."""
