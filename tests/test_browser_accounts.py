@@ -12,31 +12,17 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from openai import AsyncOpenAI
-from playwright.async_api import Page, async_playwright
+from playwright.async_api import async_playwright
 
 from ledger.keys import Keyspace
 from ledger.reconcile import reconcile
+from tests.browser_harness import launch, screenshots
 from tests.fakes.oidc import FakeUser
 from tests.web_harness import running_web
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser-accounts"
-
-
-async def shot(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+shot = screenshots("browser-accounts")
 
 
 @pytest.mark.parametrize("redis_kind", ["redis"], indirect=True)
@@ -46,7 +32,7 @@ async def test_sign_in_key_use_usage_export_and_close_in_a_real_browser(
     user = FakeUser(sub="browser-sub-1", email="browser.user@example.com")
     async with running_web(redis_client, clean_keyspace, tmp_path, user=user, issuer_auto_approve=False) as w:
         async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            browser = await launch(pw)
             try:
                 context = await browser.new_context(accept_downloads=True)
                 await context.grant_permissions(["clipboard-read", "clipboard-write"], origin=w.url)

@@ -8,31 +8,17 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from playwright.async_api import Page, async_playwright
+from playwright.async_api import async_playwright
 
 from ledger.keys import Keyspace
+from tests.browser_harness import launch, screenshots
 from tests.fakes.omise import CARD_3DS
 from tests.payments_harness import running_payments
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser-payments"
 CANARY_NAME = "CANARY BROWSER HOLDER"
-
-
-async def shot(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+shot = screenshots("browser-payments")
 
 
 @pytest.mark.parametrize("redis_kind", ["redis"], indirect=True)
@@ -41,7 +27,7 @@ async def test_top_up_through_3ds_see_the_bucket_then_refund_it_in_a_real_browse
 ) -> None:
     async with running_payments(redis_client, clean_keyspace, tmp_path) as p:
         async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            browser = await launch(pw)
             try:
                 page = await browser.new_page()
                 problems: list[str] = []
