@@ -142,6 +142,12 @@ class Registry:
         names += [(a, m) for a, m in self.exact_aliases.items()]
         return sorted(names, key=lambda pair: pair[0])
 
+    def suggested_model(self) -> str:
+        """The model to name in setup snippets: the one answering Claude Code's names, else the first."""
+        if self.patterns:
+            return self.patterns[-1][1].name
+        return next(iter(self.models))
+
     def with_aliases_to(self, target: str) -> Registry:
         """The same registry with every alias answered by ``target`` (the embedded default points
         Claude Code's model names at the local demo model, since no provider key is set there)."""
