@@ -233,12 +233,13 @@ def chat_to_responses_response(
             continue
         function = call.get("function") or {}
         arguments = function.get("arguments")
-        n = len(output)
+        name = str(function.get("name") or "")
+        prefix = "ctc" if tools.resolve(name).kind == "custom" else "fc"
         output.append(
             tool_call_item(
                 tools,
-                str(function.get("name") or ""),
-                item_id=f"fc_{base}_{n}",
+                name,
+                item_id=f"{prefix}_{base}_{len(output)}",
                 call_id=str(call.get("id") or f"call_{base}_{j}"),
                 arguments=arguments if isinstance(arguments, str) and arguments else "{}",
             )
