@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.translate.custom_input import InputExtractor, custom_input_from_arguments
-from gateway.translate.responses_stream import AnthropicToResponsesStream, ChatToResponsesStream
+from gateway.translate.responses_stream import ChatToResponsesStream
+from gateway.translate.responses_stream_anthropic import AnthropicToResponsesStream
 from gateway.translate.responses_tools import ResponsesToolMap
 from tests.responses_harness import carried, parse_responses_sse, validate_responses_events
 from tests.test_translate_property import SETTINGS, anthropic_stream, openai_stream, split

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from gateway.errors import BadRequest
+from gateway.models import Capabilities
 from gateway.translate import openai_to_anthropic_request
 from gateway.translate.responses_request import responses_to_chat_request
 from gateway.translate.responses_tools import ResponsesToolMap, ToolIdentity
@@ -72,8 +73,7 @@ def test_message_roles_and_parts():
         "content": "no",
     }
     assert out == [
-        {"role": "system", "content": "dev"},
-        {"role": "system", "content": "sys"},
+        {"role": "system", "content": "dev\n\nsys"},
         {"role": "user", "content": "a\n\nb"},
         {"role": "assistant", "content": "ok"},
         {
@@ -467,7 +467,6 @@ def test_controls_mapped():
         "stream_options": {"include_usage": True},
         "temperature": 0.2,
         "top_p": 0.9,
-        "reasoning_effort": "high",
         "response_format": {
             "type": "json_schema",
             "json_schema": {"name": "out", "schema": {"type": "object"}, "strict": True},
@@ -524,6 +523,76 @@ def test_refusals_name_the_field(extra: dict[str, Any], param: str):
     assert param.split("[")[0].split(".")[0] in err.value.message
 
 
+def test_mid_conversation_developer_messages_fold_into_the_user_turn():
+    out = msgs(
+        {
+            "instructions": "base",
+            "input": [
+                {"role": "developer", "content": "perms"},
+                {"role": "user", "content": "one"},
+                {"role": "assistant", "content": "ok"},
+                {"role": "developer", "content": "approval mode changed"},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "two"},
+                        {"type": "input_image", "image_url": "https://x/y.png"},
+                    ],
+                },
+                {"role": "assistant", "content": "done"},
+                {"role": "developer", "content": "at the end"},
+            ],
+        }
+    )
+    assert out[0] == {"role": "system", "content": "base\n\nperms"}
+    assert out[3]["content"][0] == {
+        "type": "text",
+        "text": "<system-reminder>\napproval mode changed\n</system-reminder>",
+    }
+    assert out[4] == {"role": "assistant", "content": "done"}
+    assert out[5] == {"role": "user", "content": "<system-reminder>\nat the end\n</system-reminder>"}
+    assert [m["role"] for m in out].count("system") == 1
+
+
+@pytest.mark.parametrize(
+    ("reasoning", "style", "expected"),
+    [
+        ({"effort": "high", "summary": "auto"}, "openai", {"reasoning_effort": "high"}),
+        ({"effort": "xhigh"}, "openai", {"reasoning_effort": "high"}),
+        ({"effort": "minimal"}, "openai", {"reasoning_effort": "low"}),
+        ({"effort": "none"}, "openai", {}),
+        ({"effort": "low"}, "deepseek", {"thinking": {"type": "enabled"}}),
+        ({"effort": "none"}, "deepseek", {"thinking": {"type": "disabled"}}),
+        ({"summary": "auto"}, "deepseek", {}),  # what Codex sends by default: the model's own default
+        ({"effort": "high"}, "none", {}),
+    ],
+)
+def test_reasoning_effort_by_upstream_capability(reasoning: Any, style: Any, expected: dict[str, Any]):
+    out, _ = r2c({"input": "x", "reasoning": reasoning}, capabilities=Capabilities(reasoning=style))
+    got = {k: out[k] for k in ("reasoning_effort", "thinking") if k in out}
+    assert got == expected
+
+
+def test_structured_output_by_upstream_capability():
+    text = {
+        "format": {
+            "type": "json_schema",
+            "name": "out",
+            "schema": {"type": "object", "properties": {"a": {"type": "string"}}},
+        }
+    }
+    out, _ = r2c(
+        {"input": "x", "instructions": "base", "text": text},
+        capabilities=Capabilities(structured_output="json_object"),
+    )
+    assert out["response_format"] == {"type": "json_object"}
+    assert out["messages"][0]["content"].startswith(
+        "base\n\nRespond with a single JSON object that matches this JSON schema:"
+    )
+    out, _ = r2c({"input": "x", "text": text}, capabilities=Capabilities(structured_output="none"))
+    assert "response_format" not in out and "JSON schema" in out["messages"][0]["content"]
+
+
 def test_stateless_message_says_what_to_do():
     with pytest.raises(BadRequest) as err:
         r2c({"input": "x", "previous_response_id": "resp_1"})
@@ -535,9 +604,10 @@ def test_stateless_message_says_what_to_do():
 
 def test_codex_first_turn():
     out, tools = responses_to_chat_request(FIRST_TURN, upstream_model="deepseek-chat", max_tokens=8192)
-    assert out["messages"][0] == {"role": "system", "content": FIRST_TURN["instructions"]}
-    assert out["messages"][1]["role"] == "system" and "permissions" in out["messages"][1]["content"]
-    assert [m["role"] for m in out["messages"]] == ["system", "system", "user", "user"]
+    system = out["messages"][0]
+    assert system["role"] == "system" and system["content"].startswith(FIRST_TURN["instructions"] + "\n\n")
+    assert "<permissions instructions>" in system["content"]
+    assert [m["role"] for m in out["messages"]] == ["system", "user", "user"]
     names = [t["function"]["name"] for t in out["tools"]]
     assert len(names) == 10 + 1 + 5  # functions, apply_patch, the namespace's five; web_search dropped
     assert "apply_patch" in names and "mcp__github__get_issue" in names and "web_search" not in names
@@ -555,7 +625,6 @@ def test_codex_second_turn():
     m = out["messages"]
     assert [x["role"] for x in m] == [
         "system",
-        "system",
         "user",
         "user",
         "assistant",
@@ -564,21 +633,20 @@ def test_codex_second_turn():
         "assistant",
         "tool",
     ]
-    assert m[4]["content"] == "Running the tests first."
-    assert m[4]["reasoning_content"] == "**Locating the test**\n\nRun pytest first."
-    assert [c["function"]["name"] for c in m[4]["tool_calls"]] == ["exec_command", "mcp__github__get_issue"]
-    assert m[5] == {"role": "tool", "tool_call_id": "call_exec_1", "content": "1 failed: test_app expected 2"}
-    assert m[6] == {"role": "tool", "tool_call_id": "call_issue_2", "content": "Issue 7: app returns 1"}
-    assert m[7]["reasoning_content"] == ""  # DeepSeek's thinking mode needs the key on tool turns
-    assert json.loads(m[7]["tool_calls"][0]["function"]["arguments"]) == {"input": PATCH}
-    assert m[8]["content"] == "Success. Updated src/app.py"
+    assert m[3]["content"] == "Running the tests first."
+    assert m[3]["reasoning_content"] == "**Locating the test**\n\nRun pytest first."
+    assert [c["function"]["name"] for c in m[3]["tool_calls"]] == ["exec_command", "mcp__github__get_issue"]
+    assert m[4] == {"role": "tool", "tool_call_id": "call_exec_1", "content": "1 failed: test_app expected 2"}
+    assert m[5] == {"role": "tool", "tool_call_id": "call_issue_2", "content": "Issue 7: app returns 1"}
+    assert m[6]["reasoning_content"] == ""  # DeepSeek's thinking mode needs the key on tool turns
+    assert json.loads(m[6]["tool_calls"][0]["function"]["arguments"]) == {"input": PATCH}
+    assert m[7]["content"] == "Success. Updated src/app.py"
     assert "gAAAA" not in json.dumps(out)
 
 
 def test_codex_turns_compose_into_a_valid_anthropic_request():
     for body in (FIRST_TURN, second_turn()):
         chat, _ = responses_to_chat_request(body, upstream_model="x", max_tokens=4096)
-        chat.pop("reasoning_effort", None)
         out = openai_to_anthropic_request(chat, upstream_model="claude-x", max_tokens=4096)
         assert out["system"].startswith(FIRST_TURN["instructions"])
         roles = [m["role"] for m in out["messages"]]

@@ -13,7 +13,8 @@ from aiohttp import web
 
 from gateway.translate.responses_body import chat_to_responses_response
 from gateway.translate.responses_request import responses_to_chat_request
-from gateway.translate.responses_stream import AnthropicToResponsesStream, ChatToResponsesStream
+from gateway.translate.responses_stream import ChatToResponsesStream
+from gateway.translate.responses_stream_anthropic import AnthropicToResponsesStream
 from tests.codex_fixtures import CODEX_TOOLS, FIRST_TURN, PATCH
 
 USAGE = {

@@ -12,7 +12,8 @@ from gateway.errors import ServiceUnavailable
 from gateway.translate.custom_input import InputExtractor, custom_input_from_arguments
 from gateway.translate.responses_body import anthropic_to_responses_response, chat_to_responses_response
 from gateway.translate.responses_request import responses_to_chat_request
-from gateway.translate.responses_stream import AnthropicToResponsesStream, ChatToResponsesStream
+from gateway.translate.responses_stream import ChatToResponsesStream
+from gateway.translate.responses_stream_anthropic import AnthropicToResponsesStream
 from gateway.translate.responses_tools import ResponsesToolMap
 from tests.codex_fixtures import FIRST_TURN, PATCH
 from tests.responses_harness import carried, parse_responses_sse, validate_responses_events

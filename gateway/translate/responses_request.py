@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from gateway.errors import BadRequest
+from gateway.models import Capabilities
 from gateway.translate.fields import cap_max_tokens, need_dict, need_list, number
 from gateway.translate.responses_tools import ResponsesToolMap
 
@@ -229,7 +230,45 @@ class _Builder:
     def finish(self) -> list[dict[str, Any]]:
         self._close_calls()
         self._flush_images()
-        return self.messages
+        return _fold_system_messages(self.messages)
+
+
+def _fold_system_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Leading system/developer messages (and ``instructions``) become one first system message.
+    Later ones (Codex sends a developer message when settings change mid-session) are folded into
+    the adjacent user turn as ``<system-reminder>`` text, as ``request_to_openai`` does: several
+    OpenAI-format upstreams accept one system message, first. History only grows at the end, so
+    the prompt prefix (and the upstream's cache of it) stays the same from turn to turn."""
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] == "system":
+        lead += 1
+    out: list[dict[str, Any]] = []
+    if lead:
+        out.append({"role": "system", "content": "\n\n".join(m["content"] for m in messages[:lead])})
+    pending: list[str] = []
+    for msg in messages[lead:]:
+        if msg["role"] == "system":
+            text = f"<system-reminder>\n{msg['content']}\n</system-reminder>"
+            if out and out[-1]["role"] == "user":
+                out[-1] = _with_text(out[-1], text, first=False)
+            else:
+                pending.append(text)
+            continue
+        if pending and msg["role"] == "user":
+            msg = _with_text(msg, "\n\n".join(pending), first=True)
+            pending = []
+        out.append(msg)
+    if pending:
+        out.append({"role": "user", "content": "\n\n".join(pending)})
+    return out
+
+
+def _with_text(msg: dict[str, Any], text: str, *, first: bool) -> dict[str, Any]:
+    content = msg["content"]
+    if isinstance(content, str):
+        return {**msg, "content": f"{text}\n\n{content}" if first else f"{content}\n\n{text}"}
+    part = {"type": "text", "text": text}
+    return {**msg, "content": [part, *content] if first else [*content, part]}
 
 
 def _message_item(b: _Builder, item: dict[str, Any], field: str) -> None:
@@ -323,39 +362,70 @@ def _refuse_stateful(body: dict[str, Any]) -> None:
         raise BadRequest("prompt: stored prompt templates are not available here", param="prompt")
 
 
-def _response_format(text: Any) -> dict[str, Any] | None:
-    if not isinstance(text, dict):
-        return None
-    fmt = text.get("format")
-    if not isinstance(fmt, dict):
-        return None
+def _structured_output(text: Any, capabilities: Capabilities) -> tuple[dict[str, Any] | None, str]:
+    """``text.format`` -> (``response_format``, an instruction for the system message).
+
+    An upstream with only JSON mode gets ``json_object`` plus the schema as an instruction (DeepSeek
+    also wants the word "json" in the prompt); one with neither gets the instruction alone."""
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
+        return None, ""
     kind = fmt.get("type")
     if kind == "json_object":
-        return {"type": "json_object"}
-    if kind == "json_schema":
-        schema = fmt.get("schema")
-        if not isinstance(schema, dict):
-            raise BadRequest("text.format.schema: required", param="text.format.schema")
-        spec: dict[str, Any] = {"name": str(fmt.get("name") or "response"), "schema": schema}
-        for key in ("strict", "description"):
-            if fmt.get(key) is not None:
-                spec[key] = fmt[key]
-        return {"type": "json_schema", "json_schema": spec}
-    if kind in (None, "text"):
-        return None
-    raise BadRequest(f"text.format.type: unknown format {kind!r}", param="text.format.type")
+        if capabilities.structured_output == "none":
+            return None, "Respond with a single JSON object."
+        return {"type": "json_object"}, ""
+    if kind != "json_schema":
+        raise BadRequest(f"text.format.type: unknown format {kind!r}", param="text.format.type")
+    schema = fmt.get("schema")
+    if not isinstance(schema, dict):
+        raise BadRequest("text.format.schema: required", param="text.format.schema")
+    if capabilities.structured_output != "json_schema":
+        note = "Respond with a single JSON object that matches this JSON schema:\n"
+        note += json.dumps(schema, ensure_ascii=False)
+        return ({"type": "json_object"} if capabilities.structured_output == "json_object" else None), note
+    spec: dict[str, Any] = {"name": str(fmt.get("name") or "output"), "schema": schema}
+    for key in ("strict", "description"):
+        if fmt.get(key) is not None:
+            spec[key] = fmt[key]
+    return {"type": "json_schema", "json_schema": spec}, ""
+
+
+_OPENAI_EFFORT = {
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "xhigh": "high",
+    "max": "high",
+}
+
+
+def _reasoning(reasoning: Any, capabilities: Capabilities) -> dict[str, Any]:
+    """``reasoning.effort`` -> the upstream's reasoning control (``gateway.models.Capabilities``):
+    DeepSeek's thinking switch, or ``reasoning_effort``; nothing when the client set no effort."""
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
+    if not isinstance(effort, str):
+        return {}
+    if capabilities.reasoning == "deepseek":
+        return {"thinking": {"type": "disabled" if effort == "none" else "enabled"}}
+    if capabilities.reasoning == "openai" and effort in _OPENAI_EFFORT:
+        return {"reasoning_effort": _OPENAI_EFFORT[effort]}
+    return {}
 
 
 def responses_to_chat_request(
-    body: dict[str, Any], *, upstream_model: str, max_tokens: int
+    body: dict[str, Any], *, upstream_model: str, max_tokens: int, capabilities: Capabilities | None = None
 ) -> tuple[dict[str, Any], ResponsesToolMap]:
     """A Responses request -> (Chat Completions request, the map that restores tool identities).
 
-    ``max_tokens`` is the model's output cap (``max_output_tokens`` is clamped to it). The result
-    carries ``reasoning_effort`` when the client set ``reasoning.effort``; the caller drops it for
-    upstreams that do not take it. ``prompt_cache_key`` is only on the returned map.
+    ``max_tokens`` is the model's output cap (``max_output_tokens`` is clamped to it).
+    ``capabilities`` (the model's, as for ``anthropic_to_openai_request``) decides what
+    ``reasoning.effort`` and ``text.format`` become. ``prompt_cache_key`` is only on the returned map.
     """
+    capabilities = capabilities or Capabilities()
     _refuse_stateful(body)
+    response_format, schema_note = _structured_output(body.get("text"), capabilities)
     tools = ResponsesToolMap()
     key = body.get("prompt_cache_key")
     tools.prompt_cache_key = key if isinstance(key, str) and key else None
@@ -367,11 +437,15 @@ def responses_to_chat_request(
     instructions = body.get("instructions")
     if isinstance(instructions, str):
         b.system(instructions)
+        if schema_note:
+            b.system(schema_note)
     elif isinstance(instructions, list):  # a list of input messages is allowed here too
         for i, item in enumerate(instructions):
             _message_item(b, need_dict(item, f"instructions[{i}]"), f"instructions[{i}]")
     elif instructions is not None:
         raise BadRequest("instructions: must be a string", param="instructions")
+    if schema_note and not isinstance(instructions, str):
+        b.system(schema_note)
 
     extra_tools: list[Any] = []
     raw_input = body.get("input")
@@ -412,10 +486,7 @@ def responses_to_chat_request(
             out["parallel_tool_calls"] = body["parallel_tool_calls"]
     elif body.get("tool_choice") == "required":
         raise BadRequest("tool_choice: required needs a tool this model can call", param="tool_choice")
-    reasoning = body.get("reasoning")
-    if isinstance(reasoning, dict) and isinstance(reasoning.get("effort"), str):
-        out["reasoning_effort"] = reasoning["effort"]
-    response_format = _response_format(body.get("text"))
+    out.update(_reasoning(body.get("reasoning"), capabilities))
     if response_format is not None:
         out["response_format"] = response_format
     user = body.get("user") or body.get("safety_identifier")
