@@ -278,13 +278,13 @@ class Proxy:
             if api_key:
                 headers["Authorization"] = f"Bearer {api_key}"
         else:
+            if ex.client.anthropic_headers:
+                # Open lists: every anthropic-* header (betas above all: new ones arrive with each
+                # Claude Code release) goes on unchanged.
+                headers.update((k.lower(), v) for k, v in request.headers.items() if k.lower().startswith("anthropic-"))
             if provider.api_key:
                 headers["x-api-key"] = provider.api_key
-            headers["anthropic-version"] = request.headers.get("anthropic-version", "2023-06-01")
-            if betas:
-                # An open list: every beta the client sends goes on unchanged (new ones arrive with
-                # each Claude Code release).
-                headers["anthropic-beta"] = betas
+            headers.setdefault("anthropic-version", "2023-06-01")
         url = provider.endpoint
         if provider.internal:
             # The demo upstream is this very server: call it on the socket the request came in on.

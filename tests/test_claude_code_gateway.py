@@ -258,10 +258,12 @@ async def test_same_format_forwards_betas_and_fields_unchanged_but_not_the_devic
 ) -> None:
     key = await gw.funded_key(100)
     body = claude_code_body("claude-big", stream=False)
-    status, raw, _ = await post_anthropic(gw, key, body, **CC_HEADERS)
+    status, raw, _ = await post_anthropic(gw, key, body, **CC_HEADERS, **{"anthropic-workspace-id": "wrk_1"})
     assert status == 200, raw
     sent = fake.requests[-1]
     assert sent.headers["anthropic-beta"] == CC_HEADERS["anthropic-beta"]
+    assert sent.headers["anthropic-workspace-id"] == "wrk_1"  # every anthropic-* header, an open list
+    assert sent.headers.getall("anthropic-version") == ["2023-06-01"]
     up = sent.body
     for field in ("system", "messages", "tools", "thinking", "output_config", "context_management"):
         assert up[field] == body[field]
