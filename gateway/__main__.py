@@ -74,16 +74,15 @@ async def serve(settings: Settings) -> None:
 
 
 async def work(settings: Settings) -> None:
-    from redis.asyncio import Redis
-
     from ledger.journal import JournalWorker
     from ledger.keys import Keyspace
     from ledger.ledger import Ledger
+    from ledger.redis_client import connect
     from ledger.store import Store
 
     if settings.redis_url is None:
         raise ConfigError("REDIS_URL is required for a separate worker (the embedded default runs its own)")
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    redis = await connect(settings.redis_url)
     keyspace = Keyspace(prefix=settings.ledger_prefix, shards=settings.ledger_shards)
     store = Store(str(settings.database_path))
     await asyncio.to_thread(store.migrate)

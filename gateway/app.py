@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
 from ledger.journal import JournalWorker
 from ledger.keys import Keyspace
 from ledger.ledger import Ledger
+from ledger.redis_client import AnyRedis
+from ledger.redis_client import connect as connect_redis
 from ledger.store import Store
 
 from . import tokens
@@ -33,14 +35,12 @@ __all__ = ["create_app"]
 log = logging.getLogger("gateway.app")
 
 HEARTBEAT_S = 60.0
-REDIS_POOL_SIZE = 64
-REDIS_POOL_WAIT_S = 10.0
 
 
 def create_app(
     settings: Settings,
     *,
-    redis: Redis | None = None,
+    redis: AnyRedis | None = None,
     registry: Registry | None = None,
     clock: Callable[[], float] | None = None,
 ) -> web.Application:
@@ -56,19 +56,12 @@ def create_app(
         tokens.load_encoding()  # once, here: never on the request path
         own_redis = redis is None
         embedded = None
+        client: AnyRedis
         if redis is not None:
             client = redis
         elif settings.redis_url:
-            # Blocking pool: past its size a command waits for a free connection. redis-py's default
-            # pool raises MaxConnectionsError at 100 in use, i.e. 500s beyond ~100 concurrent requests.
-            pool = BlockingConnectionPool.from_url(
-                settings.redis_url,
-                decode_responses=True,
-                health_check_interval=30,
-                max_connections=REDIS_POOL_SIZE,
-                timeout=REDIS_POOL_WAIT_S,
-            )
-            client = Redis.from_pool(pool)
+            # A single server or any node of a Redis Cluster (detected): ledger/redis_client.py.
+            client = await connect_redis(settings.redis_url)
         else:
             from .embedded import EmbeddedRedis
 

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
-from redis.asyncio import Redis
 
 from ledger.ledger import Ledger
+from ledger.redis_client import AnyRedis
 from ledger.store import Store
 
 from .metrics import Metrics
@@ -35,7 +35,8 @@ __all__ = [
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", Registry)
-REDIS = web.AppKey("redis", Redis)
+# A single Redis or a Redis Cluster client (ledger/redis_client.py): single-key commands only.
+REDIS: web.AppKey[AnyRedis] = web.AppKey("redis")
 LEDGER = web.AppKey("ledger", Ledger)
 # The SQLite history: read-only here, except in the embedded default where the worker runs in process.
 STORE = web.AppKey("store", Store)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import ConfigError, LedgerConfig
@@ -26,6 +26,7 @@ from .ledger import DEFAULT_BUCKET_LIFE_S, Ledger
 from .money import iso_ms, parse_amount
 from .rebuild import RebuildRefused, rebuild
 from .reconcile import drain_all, reconcile
+from .redis_client import AnyRedis, connect
 from .store import METERING_COLUMNS, Store
 
 __all__ = ["build_parser", "main"]
@@ -46,7 +47,7 @@ class Ctx:
     config: LedgerConfig
     json: bool
     out: TextIO
-    _redis: aioredis.Redis | None = None
+    _redis: AnyRedis | None = None
     _store: Store | None = None
     # The environment the command runs in (the Omise commands read OMISE_* from it).
     environ: Mapping[str, str] = field(default_factory=dict)
@@ -57,11 +58,14 @@ class Ctx:
                 url = self.config.resolve_redis_url()
             except ConfigError as exc:
                 raise Refused(str(exc)) from None
-            self._redis = aioredis.Redis.from_url(url, decode_responses=True)
             try:
+                # A single server or any node of a Redis Cluster (detected).
+                self._redis = await connect(url, failover_wait_s=5.0)
                 await self._redis.ping()
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 raise Refused("cannot reach the ledger's Redis (check REDIS_URL)") from None
+            except RedisError as exc:
+                raise Refused(f"the ledger's Redis refused to connect: {type(exc).__name__}") from None
         return Ledger(self._redis, self.config.keyspace)
 
     def store(self) -> Store:
@@ -461,4 +465,8 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         return EXIT_USAGE
     except (RedisConnectionError, RedisTimeoutError):
         sys.stderr.write(f"ledger {name}: lost the connection to the ledger's Redis\n")
+        return EXIT_REFUSED
+    except RedisError as exc:
+        # A cluster that is down or mid-failover past the retries: one line, no traceback.
+        sys.stderr.write(f"ledger {name}: the ledger's Redis refused the command ({type(exc).__name__})\n")
         return EXIT_REFUSED

@@ -17,12 +17,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .keys import Keyspace
 from .ledger import Ledger
 from .money import iso_ms
+from .redis_client import AnyRedis
 from .store import Store
 
 __all__ = ["Event", "JournalWorker", "apply_events", "decode_draws", "stream_id"]
@@ -53,7 +53,7 @@ def decode_draws(enc: str | None) -> dict[str, int]:
 class JournalWorker:
     def __init__(
         self,
-        redis: Redis,
+        redis: AnyRedis,
         keyspace: Keyspace,
         store: Store,
         *,

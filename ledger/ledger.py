@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from . import keys as K
 from .errors import (
@@ -28,6 +27,7 @@ from .errors import (
     UnknownKey,
 )
 from .money import MAX_MICRO
+from .redis_client import AnyRedis
 from .scripts import Scripts
 
 __all__ = [
@@ -161,7 +161,7 @@ def _check_amount(micro: int, name: str = "amount") -> None:
 class Ledger:
     def __init__(
         self,
-        redis: Redis,
+        redis: AnyRedis,
         keyspace: K.Keyspace | None = None,
         *,
         clock: Callable[[], float] = time.time,
@@ -475,13 +475,12 @@ class Ledger:
     async def extend(self, reservations: Iterable[tuple[str, str]], ttl_s: int = RESERVATION_TTL_S) -> None:
         """Heartbeat for long streams: push the deadline of live reservations (XX: never resurrect)."""
         deadline = self.now_ms() + ttl_s * 1000
-        pipe = self.redis.pipeline(transaction=False)
-        n = 0
+        # One ZADD per shard (one hash slot each: a cluster refuses a multi-slot batch).
+        by_shard: dict[str, list[str]] = {}
         for account_id, req in reservations:
-            pipe.zadd(self.keys.pfx_for(account_id) + "rz", {req: deadline}, xx=True)
-            n += 1
-        if n:
-            await pipe.execute()
+            by_shard.setdefault(self.keys.pfx_for(account_id), []).append(req)
+        for pfx, reqs in by_shard.items():
+            await self.redis.zadd(pfx + "rz", dict.fromkeys(reqs, deadline), xx=True)
 
     # ----- top-ups --------------------------------------------------------------------------
     async def create_topup(

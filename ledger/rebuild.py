@@ -16,6 +16,7 @@ from typing import Any
 from .keys import hash_subject
 from .ledger import DONE_TTL_S, RESERVATION_TTL_S, Ledger
 from .reconcile import drain_all
+from .redis_client import delete_keys, scan_keys
 from .store import Store
 
 __all__ = ["RebuildRefused", "RebuildResult", "ledger_key_count", "rebuild"]
@@ -41,11 +42,41 @@ class RebuildResult:
 async def ledger_key_count(ledger: Ledger, *, limit: int = 1) -> int:
     """How many of this ledger's keys exist (stops counting at `limit`)."""
     n = 0
-    async for _ in ledger.redis.scan_iter(match=ledger.keys.pattern(), count=1000):
+    async for _ in scan_keys(ledger.redis, ledger.keys.pattern()):
         n += 1
         if n >= limit:
             break
     return n
+
+
+class _ShardWrites:
+    """Rebuild's writes, one pipeline per shard: each batch stays in one hash slot, so a Redis Cluster
+    gets it on one node (no cross-slot batch). Every write sets a value outright: a retried batch is
+    harmless."""
+
+    def __init__(self, redis: Any) -> None:
+        self._redis = redis
+        self._pipes: dict[str, Any] = {}
+        self._pending: dict[str, int] = {}
+
+    def pipe(self, pfx: str) -> Any:
+        if pfx not in self._pipes:
+            self._pipes[pfx] = self._redis.pipeline(transaction=False)
+            self._pending[pfx] = 0
+        return self._pipes[pfx]
+
+    async def done(self, pfx: str) -> None:
+        self._pending[pfx] += 1
+        if self._pending[pfx] >= _CHUNK:
+            await self._pipes.pop(pfx).execute()
+            del self._pending[pfx]
+
+    async def flush_all(self) -> None:
+        for pfx, pipe in list(self._pipes.items()):
+            if self._pending[pfx]:
+                await pipe.execute()
+        self._pipes.clear()
+        self._pending.clear()
 
 
 def _read_history(store: Store, now_ms: int) -> dict[str, list[Any]]:
@@ -85,13 +116,12 @@ async def rebuild(
             )
         await drain_all(ledger, store)
         batch: list[str] = []
-        async for key in r.scan_iter(match=ks.pattern(), count=1000):
+        async for key in scan_keys(r, ks.pattern()):
             batch.append(key)
             if len(batch) >= _CHUNK:
-                await r.delete(*batch)
+                await delete_keys(r, batch)
                 batch = []
-        if batch:
-            await r.delete(*batch)
+        await delete_keys(r, batch)
     # The streams start again from nothing: forget where the old ones were, before anything new
     # can be journaled and drained.
     await asyncio.to_thread(store.reset_cursors)
@@ -100,19 +130,12 @@ async def rebuild(
     h = await asyncio.to_thread(_read_history, store, now)
     available = {acct: int(total or 0) for acct, total in h["available"]}
     status_of = {a["account_id"]: a["status"] for a in h["accounts"]}
-    pipe = r.pipeline(transaction=False)
-    pending = 0
-
-    async def flush(force_now: bool = False) -> None:
-        nonlocal pipe, pending
-        if pending and (force_now or pending >= _CHUNK):
-            await pipe.execute()
-            pipe = r.pipeline(transaction=False)
-            pending = 0
+    writes = _ShardWrites(r)
 
     for a in h["accounts"]:
         acct = a["account_id"]
         pfx = ks.pfx_for(acct)
+        pipe = writes.pipe(pfx)
         threshold = int(a["low_threshold_micro"] or 0)
         fields: dict[str, Any] = {
             "status": a["status"],
@@ -136,12 +159,12 @@ async def rebuild(
                 pipe.set(pfx + "sub:" + hash_subject(sub), acct)
         pipe.hset(pfx + "a:" + acct, mapping=fields)
         pipe.sadd(pfx + "accounts", acct)
-        pending += 1
-        await flush()
+        await writes.done(pfx)
 
     for b in h["buckets"]:
         bid, acct = b["bucket_id"], b["account_id"]
         pfx = ks.pfx_for(acct)
+        pipe = writes.pipe(pfx)
         remaining, expires = int(b["remaining_micro"]), int(b["expires_ms"])
         pipe.hset(
             pfx + "b:" + bid,
@@ -162,12 +185,12 @@ async def rebuild(
             pipe.zadd(pfx + "bexp", {bid: expires})
         if b["reference"]:
             pipe.set(pfx + "ref:" + b["reference"], bid)
-        pending += 1
-        await flush()
+        await writes.done(pfx)
 
     for k in h["keys"]:
         key_id, acct = k["key_id"], k["account_id"]
         pfx = ks.pfx_for(acct)
+        pipe = writes.pipe(pfx)
         fields = {"account": acct, "prefix": k["prefix"], "created_at": k["created_ms"]}
         if k["last_used_ms"] is not None:
             fields["last_used_at"] = k["last_used_ms"]
@@ -179,8 +202,7 @@ async def rebuild(
         else:
             fields["revoked_at"] = k["revoked_ms"] or now
         pipe.hset(pfx + "k:" + key_id, mapping=fields)
-        pending += 1
-        await flush()
+        await writes.done(pfx)
 
     # A process still streaming gets one heartbeat period to extend its hold before the stale
     # sweep would release it.
@@ -188,6 +210,7 @@ async def rebuild(
     for res in h["open"]:
         req, acct = res["request_id"], res["account_id"]
         pfx = ks.pfx_for(acct)
+        pipe = writes.pipe(pfx)
         pipe.hset(
             pfx + "r:" + req,
             mapping={
@@ -201,12 +224,12 @@ async def rebuild(
         pipe.zadd(pfx + "rz", {req: max(int(res["deadline_ms"] or 0), min_deadline)})
         if res["key_id"]:
             pipe.sadd(pfx + "kr:" + res["key_id"], req)
-        pending += 1
-        await flush()
+        await writes.done(pfx)
 
     for res in h["done"]:
         req = res["request_id"]
         pfx = ks.pfx_for(res["account_id"])
+        pipe = writes.pipe(pfx)
         if res["status"] == "settled":
             done: dict[str, Any] = {
                 "outcome": "settled",
@@ -219,11 +242,11 @@ async def rebuild(
         pipe.hset(pfx + "rd:" + req, mapping=done)
         ttl_s = max(1, (int(res["finished_ms"]) + DONE_TTL_S * 1000 - now) // 1000)
         pipe.expire(pfx + "rd:" + req, ttl_s)
-        pending += 1
-        await flush()
+        await writes.done(pfx)
 
     for rf in h["refunds"]:
         pfx = ks.pfx_for(rf["account_id"])
+        pipe = writes.pipe(pfx)
         pipe.hset(
             pfx + "rf:" + rf["refund_id"],
             mapping={
@@ -233,11 +256,11 @@ async def rebuild(
                 "account": rf["account_id"],
             },
         )
-        pending += 1
-        await flush()
+        await writes.done(pfx)
     for tp in h["topups"]:
         tid, acct = tp["topup_id"], tp["account_id"]
         pfx = ks.pfx_for(acct)
+        pipe = writes.pipe(pfx)
         pipe.hset(
             pfx + "t:" + tid,
             mapping={
@@ -258,9 +281,8 @@ async def rebuild(
         pipe.zadd(pfx + "a:" + acct + ":tops", {tid: int(tp["created_ms"])})
         if tp["status"] == "pending":
             pipe.zadd(pfx + "tp", {tid: int(tp["created_ms"])})
-        pending += 1
-        await flush()
-    await flush(force_now=True)
+        await writes.done(pfx)
+    await writes.flush_all()
 
     result = RebuildResult(
         accounts=len(h["accounts"]),

@@ -1,7 +1,10 @@
 """The Lua script registry: each ``lua/*.lua`` file, with ``_lib.lua`` prepended, registered once.
 
 redis-py's ``AsyncScript`` calls EVALSHA and reloads the script when Redis answers NOSCRIPT (after a
-restart or SCRIPT FLUSH), so callers never see a lost script cache.
+restart, a SCRIPT FLUSH, or a replica promoted in a cluster), so callers never see a lost script cache.
+Each script's only declared key is its shard's journal stream; every key it touches is built from that
+key's hash-tagged prefix, so one call stays in one hash slot (tests/test_cluster.py checks every key a
+script touches against the slot of its KEYS[1]).
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
+
+from .redis_client import AnyRedis
 
 __all__ = ["SCRIPT_NAMES", "Scripts", "script_source"]
 
@@ -37,12 +41,14 @@ def script_source(name: str) -> str:
 
 
 class Scripts:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: AnyRedis) -> None:
         self._redis = redis
         self._scripts = {name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES}
 
     async def load(self) -> None:
-        """SCRIPT LOAD every script up front, so the first calls need no NOSCRIPT round trip."""
+        """SCRIPT LOAD every script up front, so the first calls need no NOSCRIPT round trip. On a
+        cluster the client sends SCRIPT LOAD to every primary; a replica promoted later has an empty
+        script cache (SCRIPT LOAD is not replicated), which the NOSCRIPT fallback below covers."""
         for script in self._scripts.values():
             await self._redis.script_load(script.script)
 

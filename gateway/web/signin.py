@@ -6,7 +6,8 @@ import hashlib
 import logging
 
 from aiohttp import web
-from redis.asyncio import Redis
+
+from ledger.redis_client import AnyRedis
 
 from .. import errors as E
 from ..appkeys import DEMO, LEDGER, SETTINGS
@@ -28,7 +29,7 @@ _PENDING = "oidc_pending"
 class RedisStateStore:
     """Consumed OIDC states shared by every web process: ``SET key 1 NX EX ttl`` on the ledger's Redis."""
 
-    def __init__(self, redis: Redis, prefix: str) -> None:
+    def __init__(self, redis: AnyRedis, prefix: str) -> None:
         self._redis = redis
         self._prefix = prefix
 

@@ -5,6 +5,8 @@
 local PFX = string.sub(KEYS[1], 1, -2)
 local acct, key_id, hash, prefix, now, max_keys, old = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 if redis.call('HGET', k_account(PFX, acct), 'status') ~= 'active' then return {'no_account'} end
+-- The same call again (a client retry after a lost reply, e.g. across a failover): already done.
+if redis.call('HGET', PFX .. 'k:' .. key_id, 'account') == acct then return {'ok'} end
 if old ~= '' then
   local old_hash = redis.call('HGET', k_keys(PFX, acct), old)
   if not old_hash then return {'unknown_key'} end
