@@ -1,10 +1,15 @@
-"""Shared fixtures: a real Redis (REDIS_URL or 127.0.0.1:6379) and fakeredis, each test on its own prefix."""
+"""Shared fixtures: a real Redis (REDIS_URL or 127.0.0.1:6379) and fakeredis, each test on its own prefix.
+
+A module that sets ``ON_CLUSTER = True`` runs its `redis_kind` tests a third time on a real 3-primary
+Redis Cluster with replicas (tests/redis_cluster.py), started once per session when first needed."""
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
@@ -12,6 +17,8 @@ import redis.asyncio as aioredis
 
 from ledger.keys import Keyspace
 from ledger.ledger import Ledger
+from ledger.redis_client import connect, delete_keys, scan_keys
+from tests.redis_cluster import LocalCluster
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -29,15 +36,37 @@ class Clock:
         self.t += seconds
 
 
-@pytest.fixture(params=["redis", "fakeredis"])
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A test's own parametrize("redis_kind", ..., indirect=True) wins over this default.
+    if "redis_kind" in metafunc.fixturenames and not any(
+        "redis_kind" in m.args[0] for m in metafunc.definition.iter_markers("parametrize")
+    ):
+        kinds = ["redis", "fakeredis"] + (["cluster"] if getattr(metafunc.module, "ON_CLUSTER", False) else [])
+        metafunc.parametrize("redis_kind", kinds, indirect=True)
+
+
+@pytest.fixture
 def redis_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(Path(tmp_path_factory.mktemp("redis-cluster")))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
-async def redis_client(redis_kind: str) -> AsyncIterator[aioredis.Redis]:
+async def redis_client(redis_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[aioredis.Redis]:
+    client: Any
     if redis_kind == "redis":
         client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    elif redis_kind == "cluster":
+        # The factory the gateway uses: it finds the cluster from one node's URL.
+        client = await connect(request.getfixturevalue("redis_cluster").url)
     else:
         client = fakeredis.FakeAsyncRedis(decode_responses=True)
     yield client
@@ -52,9 +81,8 @@ def keyspace() -> Keyspace:
 @pytest.fixture
 async def clean_keyspace(redis_client: aioredis.Redis, keyspace: Keyspace) -> AsyncIterator[Keyspace]:
     yield keyspace
-    keys = [k async for k in redis_client.scan_iter(match=f"{keyspace.prefix}:*", count=1000)]
-    if keys:
-        await redis_client.delete(*keys)
+    keys = [k async for k in scan_keys(redis_client, f"{keyspace.prefix}:*")]
+    await delete_keys(redis_client, keys)
 
 
 @pytest.fixture

@@ -13,6 +13,9 @@ from ledger.ledger import Ledger
 from ledger.reconcile import drain_all, reconcile, redis_snapshot, sqlite_snapshot
 from ledger.store import Store
 
+# Also on a real Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 THB = 1_000_000
 HOUR_S = 3600
 

@@ -22,6 +22,9 @@ from ledger.scripts import SCRIPT_NAMES
 from tests.conftest import Clock
 from tests.ledger_invariants import check_conservation, scan_ledger
 
+# Also on a real Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 DAY_S = 24 * 3600
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from typing import Any
 
 import fakeredis
 import pytest
@@ -15,17 +16,27 @@ from redis.asyncio import BlockingConnectionPool
 from ledger.errors import ConcurrencyLimit, InsufficientFunds, NotRefundable
 from ledger.keys import Keyspace, new_request_id, shard_of
 from ledger.ledger import Ledger
+from ledger.redis_client import connect
 from tests.conftest import REDIS_URL, Clock
 from tests.ledger_invariants import check_conservation
+
+# Also on a real Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
 
 PAIRS = 600
 DAY_MS = 24 * 3600 * 1000
 
 
 @pytest.fixture
-async def pooled(redis_kind: str, clean_keyspace: Keyspace, clock: Clock) -> AsyncIterator[Ledger]:
+async def pooled(
+    redis_kind: str, clean_keyspace: Keyspace, clock: Clock, request: pytest.FixtureRequest
+) -> AsyncIterator[Ledger]:
     # A pool like the gateway's: callers queue for a connection instead of failing past its size.
-    if redis_kind == "redis":
+    client: Any
+    if redis_kind == "cluster":
+        # The gateway's own cluster client, bounded at 64 in flight: hundreds of pairs wait, none fail.
+        client = await connect(request.getfixturevalue("redis_cluster").url)
+    elif redis_kind == "redis":
         client = aioredis.Redis(
             connection_pool=BlockingConnectionPool.from_url(
                 REDIS_URL, max_connections=64, timeout=30, decode_responses=True

@@ -17,6 +17,9 @@ from tests.fakes.omise import CARD_3DS, CARD_INSUFFICIENT, CARD_PENDING, CARD_SU
 from tests.payments_harness import running_payments
 from tests.web_harness import redis_dump, running_web, sqlite_dump
 
+# Also on a real Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 THB = 1_000_000
 SATANG = 10_000
 

@@ -15,6 +15,9 @@ from ledger.keys import Keyspace
 from tests.fakes.upstream import FakeUpstream, FakeUsage, Script, usage_for
 from tests.gateway_harness import UPSTREAM_KEY, Gateway, running_gateway
 
+# Also on a real Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 PRICES = {  # micro-units per 1M tokens, as in gateway_harness.MODELS_TOML
     "gpt-test": dict(hit=1_500_000, miss=3_000_000, out=12_000_000),
     "deepseek-test": dict(hit=500_000, miss=2_000_000, out=8_000_000),

@@ -25,6 +25,9 @@ from ledger.store import Store
 from tests.fakes.upstream import FakeUpstream, FakeUsage, Script
 from tests.gateway_harness import Gateway, running_gateway
 
+# Also on a real Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 PRICES = {  # micro-units per 1M tokens, as in gateway_harness.MODELS_TOML
     "gpt-test": dict(hit=1_500_000, miss=3_000_000, out=12_000_000),
     "claude-test": dict(hit=3_000_000, miss=30_000_000, out=150_000_000, write=37_500_000),

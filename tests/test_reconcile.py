@@ -12,6 +12,9 @@ from ledger.reconcile import check_redis, check_sqlite, drain_all, reconcile
 from ledger.store import Store
 from tests.test_journal import THB, metering, run_workload
 
+# Also on a real Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:

@@ -19,6 +19,9 @@ from tests.fakes.upstream import DEFAULT_TEXT, FakeToolCall, FakeUpstream, FakeU
 from tests.gateway_harness import Gateway, running_gateway
 from tests.test_proxy import PRICES
 
+# Also on a real Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 # model -> the format its upstream speaks (gateway_harness.MODELS_TOML)
 UPSTREAM_API = {"gpt-test": "openai", "deepseek-test": "openai", "claude-test": "anthropic"}
 UPSTREAM_NAME = {

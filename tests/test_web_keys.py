@@ -11,6 +11,9 @@ from ledger.keys import Keyspace, hash_api_key
 from tests.fakes.oidc import FakeUser
 from tests.web_harness import WebGateway, redis_dump, running_web, sqlite_dump
 
+# Also on a real Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 
 async def v1_balance(w: WebGateway, key: str) -> int:
     b = w.browser()

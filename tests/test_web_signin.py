@@ -20,6 +20,9 @@ from tests.conftest import Clock
 from tests.fakes.oidc import FakeUser, Fault
 from tests.web_harness import SESSION_SECRET, Browser, WebGateway, _free_socket, running_web
 
+# Also on a real Redis Cluster (tests/conftest.py).
+ON_CLUSTER = True
+
 
 def session_contents(browser: Browser) -> dict[str, object]:
     cookie = browser.cookie()
