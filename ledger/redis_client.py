@@ -84,7 +84,10 @@ class BoundedCluster(RedisCluster):
             try:
                 async with self.in_flight:
                     return await super().execute_command(*args, **dict(kwargs))
-            except _TRANSIENT:
+            except (*_TRANSIENT, AttributeError):
+                # AttributeError: redis-py 8.1's cluster client can hand out a connection that its
+                # own failover clean-up (disconnect_free_connections) is closing at that moment; the
+                # send then fails on a None writer, before anything reached Redis.
                 # Not holding a slot of the bound while waiting: other shards keep working.
                 if loop.time() + delay > deadline:
                     raise
