@@ -45,7 +45,7 @@ def test_a_recorded_claude_code_request_becomes_a_valid_openai_request(path: Pat
     out = anthropic_to_openai_request(body, upstream_model="deepseek-chat", max_tokens=8192, names=names, capabilities=caps)
     assert body == before
     assert openai_request_problem(out) == ""  # what the fake (DeepSeek's rules) refuses
-    assert [m["role"] for m in out["messages"]][0] == "system"
+    assert out["messages"][0]["role"] == "system"
     assert all(m["role"] != "system" for m in out["messages"][1:])  # folded into user turns
     assert len(out["tools"]) == len([t for t in body["tools"] if t.get("type") in (None, "custom")])
     text = json.dumps(out)
