@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -484,12 +485,25 @@ async def _agent_phases(
                     headers["anthropic-version"] = "2023-06-01"
                 # Warm-up: connections, pools, and (gateway) the system prompt and tools every session shares.
                 await run_sessions(port, path, headers, sessions(fmt, model, conc), conc, per_worker=3)
+                profiler = None
+                if args.profile and name == "gateway" and conc == max(args.concurrency):
+                    out_path = args.profile.replace(".txt", f"-{fmt}.txt")
+                    profiler = subprocess.Popen(
+                        ["taskset", "-c", LOAD_CORE, str(Path(PY).parent / "py-spy"), "record", "-p", str(pid),
+                         "-o", out_path, "-f", "raw", "-r", "200"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    time.sleep(0.5)
                 r0 = await _redis_cpu(args.redis_url)
                 s0 = cpu_seconds(pid) if pid else 0.0
                 l0 = sum(cpu_seconds(p) for p in load_pids)
                 res = await run_sessions(
                     port, path, headers, sessions(fmt, model, conc), conc, per_worker=args.sessions * MAX_TURNS
                 )
+                if profiler is not None:
+                    profiler.send_signal(signal.SIGINT)
+                    profiler.wait()
                 s1 = cpu_seconds(pid) if pid else 0.0
                 l1 = sum(cpu_seconds(p) for p in load_pids)
                 r1 = await _redis_cpu(args.redis_url)

@@ -29,9 +29,9 @@ from ledger.ledger import Ledger, Settlement
 from ledger.money import iso_ms
 
 from . import errors as E
-from . import tokens
 from .appkeys import REQUEST_ID
 from .auth import REVOKED, KeyCache, authenticate_cached
+from .estimate import PromptEstimate, estimate_prompt
 from .jsonbody import read_json_object
 from .metrics import Metrics
 from .models import Model, Prices, Registry
@@ -75,7 +75,7 @@ class Exchange:
     client_fmt: str
     stream: bool
     include_usage: bool
-    input_estimate: int
+    prompt: PromptEstimate
     max_tokens: int
     started_ms: int
     prices: Prices
@@ -186,47 +186,37 @@ class Proxy:
         body = await read_json_object(request)
         model = self._validate(body, fmt)
         request_id: str = request[REQUEST_ID]
-        if fmt == "anthropic":
-            input_estimate = await tokens.count_anthropic_request_async(body)
-        else:
-            input_estimate = await tokens.count_openai_request_async(body)
+        prompt = estimate_prompt(body, fmt)  # an upper bound now; the exact count only if needed
         requested_out = self._requested_output(body, fmt, model)
-        # Ceiling: every input token at the dearer of miss/write, plus the output cap.
         started_ms = self.ledger.now_ms()
         prices = model.prices_at(started_ms)  # a price window is chosen by the request's start
-        input_cost = _cost(input_estimate, max(prices.miss, prices.write))
-        ceiling = input_cost + _cost(requested_out, prices.out)
+        input_price = max(prices.miss, prices.write)
         useful = min(self.settings.min_output_tokens, requested_out)
-        minimum = input_cost + _cost(useful, prices.out)
-        reservation = asyncio.ensure_future(
-            self.ledger.reserve(
-                key.account_id,
-                request_id,
-                ceiling,
-                key_id=key.key_id,
-                min_micro=minimum,
-                concurrency_limit=self.settings.key_concurrency_limit,
-                key_hash=key_hash,
-            )
-        )
-        try:
-            # Shielded: a client leaving right now must not strand a hold that Redis already made.
-            held = await asyncio.shield(reservation)
-        except asyncio.CancelledError:
-            self._in_background(self._release_when_made(reservation, key.account_id, request_id))
-            raise
-        except LE.UnknownKey:
-            self.key_cache.drop(key_hash)  # revoked since it was cached: the reserve script said so
-            raise E.Unauthorized(REVOKED) from None
-        except LE.InsufficientFunds as err:
-            raise E.InsufficientCredit(
-                f"Not enough credit for this request: it needs at least {minimum} micro-units "
-                f"(input plus {useful} output tokens) and {err.available_micro} are available. "
-                "Top up on the dashboard or lower max_tokens.",
-                headers={"x-should-retry": "false"},
-            ) from None
+        input_cost = _cost(prompt.bound, input_price)
+        while True:
+            # Ceiling: every input token at the dearer of miss/write, plus the output cap.
+            ceiling = input_cost + _cost(requested_out, prices.out)
+            minimum = input_cost + _cost(useful, prices.out)
+            try:
+                held = await self._reserve(key.account_id, key.key_id, key_hash, request_id, ceiling, minimum)
+            except LE.InsufficientFunds as err:
+                if not prompt.is_exact:
+                    # The bound did not fit: the exact count may (nothing was held, retry).
+                    input_cost = _cost(await prompt.exact(), input_price)
+                    minimum = input_cost + _cost(useful, prices.out)
+                    if minimum <= err.available_micro:
+                        continue
+                raise E.InsufficientCredit(
+                    f"Not enough credit for this request: it needs at least {minimum} micro-units "
+                    f"(input plus {useful} output tokens) and {err.available_micro} are available. "
+                    "Top up on the dashboard or lower max_tokens.",
+                    headers={"x-should-retry": "false"},
+                ) from None
+            break
         max_tokens = requested_out
         if held < ceiling and prices.out > 0:
+            if not prompt.is_exact:
+                input_cost = _cost(await prompt.exact(), input_price)  # less input, more output
             # Lower the output cap to what the balance affords rather than refuse.
             max_tokens = max(useful, min(requested_out, (held - input_cost) * 1_000_000 // prices.out))
         ex = Exchange(
@@ -237,7 +227,7 @@ class Proxy:
             client_fmt=fmt,
             stream=bool(body.get("stream")),
             include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
-            input_estimate=input_estimate,
+            prompt=prompt,
             max_tokens=max_tokens,
             started_ms=started_ms,
             prices=prices,
@@ -267,6 +257,30 @@ class Proxy:
             # is not tied to this handler, so a cancellation (client gone) cannot stop it; shutdown
             # waits for every pending settlement.
             self._in_background(self._settle(ex))
+
+    async def _reserve(
+        self, account_id: str, key_id: str, key_hash: str, request_id: str, ceiling: int, minimum: int
+    ) -> int:
+        reservation = asyncio.ensure_future(
+            self.ledger.reserve(
+                account_id,
+                request_id,
+                ceiling,
+                key_id=key_id,
+                min_micro=minimum,
+                concurrency_limit=self.settings.key_concurrency_limit,
+                key_hash=key_hash,
+            )
+        )
+        try:
+            # Shielded: a client leaving right now must not strand a hold that Redis already made.
+            return await asyncio.shield(reservation)
+        except asyncio.CancelledError:
+            self._in_background(self._release_when_made(reservation, account_id, request_id))
+            raise
+        except LE.UnknownKey:
+            self.key_cache.drop(key_hash)  # revoked since it was cached: the reserve script said so
+            raise E.Unauthorized(REVOKED) from None
 
     def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -484,7 +498,7 @@ class Proxy:
         tracker = ex.tracker
         if ex.client_fmt == "anthropic":
             to_anthropic = OpenAIToAnthropicStream(
-                client_model=ex.model.name, message_id="msg_" + ex.request_id[4:], input_tokens=ex.input_estimate, names=ex.names
+                client_model=ex.model.name, message_id="msg_" + ex.request_id[4:], input_tokens=await ex.prompt.exact(), names=ex.names
             )
             translator: OpenAIToAnthropicStream | AnthropicToOpenAIStream = to_anthropic
             await resp.write(to_anthropic.start())
@@ -567,7 +581,9 @@ class Proxy:
             # an all-zero usage, so the row records the request and the hold goes back in full.
             usage, estimated = Usage(), False
             if ex.produced or ex.tracker.usage is not None:
-                usage, estimated = await ex.tracker.result_async(ex.input_estimate)
+                # The exact prompt count only when the upstream did not say how much input it read.
+                prompt = await ex.prompt.exact() if ex.tracker.needs_prompt_estimate else 0
+                usage, estimated = await ex.tracker.result_async(prompt)
             p = ex.prices
             charge = charge_micro(usage, hit=p.hit, miss=p.miss, out=p.out, write=p.write)
             hit, miss, write, out = usage.input_cache_hit, usage.metered_miss, usage.cache_write, usage.output
