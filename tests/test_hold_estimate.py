@@ -83,8 +83,8 @@ async def test_a_thin_balance_lowers_max_tokens_by_the_exact_count_not_the_bound
     sent = len(fake.requests)
     async with gw.http.post(gw.url + "/v1/chat/completions", json=_body(4096), headers={"Authorization": f"Bearer {broke}"}) as r:
         assert r.status == 402
-        message = (await r.json())["error"]["message"]
-    assert f"at least {exact * MISS + 256 * OUT} micro-units" in message  # the exact figure, not the bound's
+        err = (await r.json())["error"]
+    assert err["needed_micro"] == exact * MISS + 256 * OUT  # the exact figure, not the bound's
     assert len(fake.requests) == sent
     await gw.reconcile_ok()
 
