@@ -16,7 +16,7 @@ from tests.fakes.upstream import FakeUpstream, Script
 from tests.gateway_harness import Gateway, running_gateway
 
 REPO = Path(__file__).resolve().parent.parent
-CODE = (REPO / "gateway" / "proxy.py").read_text()[:24_000]  # ~4 bytes a token: bound ~4x the count
+CODE = "".join(p.read_text() for p in sorted((REPO / "gateway").glob("*.py")))[:24_000]  # ~4 bytes a token: bound ~4x the count
 MISS, OUT = 3, 12  # gpt-test, micro-units per token
 
 
