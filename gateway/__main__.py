@@ -1,4 +1,5 @@
-"""``python -m gateway serve`` (the web process) and ``python -m gateway worker`` (journal, expiry, sweeps)."""
+"""``python -m gateway serve`` (the web process), ``python -m gateway worker`` (journal, expiry, sweeps) and
+``python -m gateway payments ...`` (the operators' Omise commands: refund, sync-omise)."""
 
 from __future__ import annotations
 
@@ -98,9 +99,14 @@ async def work(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["payments"]:
+        from .payments.ops import main as payments_main
+
+        return payments_main(raw[1:])
     parser = argparse.ArgumentParser(prog="python -m gateway")
-    parser.add_argument("command", choices=["serve", "worker"])
-    args = parser.parse_args(argv)
+    parser.add_argument("command", choices=["serve", "worker", "payments"])
+    args = parser.parse_args(raw)
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as e:

@@ -264,3 +264,65 @@ async def test_worker_drains_until_sigterm(cli: Cli) -> None:
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert await cli.ledger.redis.xlen(cli.ledger.keys.journal(int(account[4:6], 16))) == 0
+
+
+# Runs `python -m ledger ARGS` in a process where importing the gateway package fails.
+_WITHOUT_GATEWAY = """
+import runpy, sys
+
+class NoGateway:
+    def find_spec(self, name, path=None, target=None):
+        if name == "gateway" or name.startswith("gateway."):
+            raise ModuleNotFoundError(f"No module named {name!r} (the test hid it)")
+        return None
+
+sys.meta_path.insert(0, NoGateway())
+sys.argv = ["ledger", *sys.argv[1:]]
+runpy.run_module("ledger", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_the_ledger_package_imports_nothing_of_the_gateway() -> None:
+    import ast
+
+    for path in (ROOT / "ledger").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            assert not [n for n in names if n.split(".")[0] == "gateway"], f"{path.name} imports the gateway"
+
+
+async def test_python_m_ledger_runs_with_the_gateway_package_unimportable(cli: Cli) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", _WITHOUT_GATEWAY, *args],
+            cwd=ROOT,
+            env=cli.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    # The hiding works: the gateway's own entry point fails in the same harness.
+    hidden = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_GATEWAY.replace('"ledger"', '"gateway"'), "--help"],
+        cwd=ROOT, env=cli.env, capture_output=True, text=True, timeout=60,
+    )
+    assert hidden.returncode != 0 and "the test hid it" in hidden.stderr
+    helped = run("--help")
+    assert helped.returncode == 0, helped.stderr
+    assert "reconcile" in helped.stdout and "refund" not in helped.stdout
+    for args in (("migrate",), ("account", "create", "gina@example.com")):
+        p = run(*args, "--json")
+        assert p.returncode == 0, p.stderr
+    account = json.loads(p.stdout)["account_id"]
+    assert run("grant", account, "2", "--json").returncode == 0
+    p = run("balance", account, "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["available_micro"] == 2_000_000
+    p = run("reconcile", "--json")
+    assert p.returncode == 0, p.stderr + p.stdout
