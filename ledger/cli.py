@@ -16,8 +16,10 @@ from typing import Any, TextIO
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MovedError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import keys as K
 from .config import ConfigError, LedgerConfig
 from .errors import LedgerError
 from .journal import JournalWorker
@@ -27,7 +29,7 @@ from .rebuild import RebuildRefused, rebuild
 from .reconcile import drain_all, reconcile
 from .store import METERING_COLUMNS, Store
 
-__all__ = ["EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "BadUsage", "CliParser", "Ctx", "Refused", "build_parser", "main", "run_cli"]
+__all__ = ["EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "BadUsage", "CliParser", "Ctx", "Refused", "build_parser", "id_arg", "main", "run_cli"]
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -92,23 +94,47 @@ class Ctx:
 # ----- commands ---------------------------------------------------------------------------------
 
 
+def id_arg(kind: str, ident: str) -> str:
+    """An id from the command line: one of the wrong shape names nothing, like an unknown one."""
+    try:
+        K.shard_of(ident)
+    except ValueError:
+        ident = ""
+    if not ident.startswith(f"{kind}_"):
+        raise Refused({"acc": "no such account", "key": "no such live key", "bkt": "no such bucket"}[kind])
+    return ident
+
+
 async def cmd_account_create(ctx: Ctx, a: argparse.Namespace) -> int:
     ledger = await ctx.ledger()
-    account_id, created = await ledger.create_account(a.email)
-    ctx.audit("account.create", account_id, {"created": created}, ledger.now_ms())
+    account_id, created = await ledger.create_account(a.email, reference=a.ref or None)
+    detail: dict[str, Any] = {"created": created}
+    if a.ref:
+        detail["ref"] = a.ref
+    ctx.audit("account.create", account_id, detail, ledger.now_ms())
     ctx.emit({"account_id": account_id})
     return EXIT_OK
 
 
 async def cmd_key_create(ctx: Ctx, a: argparse.Namespace) -> int:
+    account = id_arg("acc", a.account)
     ledger = await ctx.ledger()
-    new = await ledger.create_key(a.account)
-    ctx.audit("key.create", a.account, {"key_id": new.key_id, "prefix": new.prefix}, ledger.now_ms())
-    ctx.emit({"key_id": new.key_id, "key": new.key})
+    new = await ledger.create_key(account, reference=a.ref or None)
+    detail: dict[str, Any] = {"key_id": new.key_id, "prefix": new.prefix}
+    if a.ref:
+        detail.update(ref=a.ref, created=new.created)
+    ctx.audit("key.create", account, detail, ledger.now_ms())
+    if not new.created:
+        sys.stderr.write(
+            f"key {new.key_id} was made by an earlier run with this --ref; its key was shown then "
+            f"(`key renew {new.key_id}` gives a new one)\n"
+        )
+    ctx.emit({"key_id": new.key_id, "key": new.key or None})
     return EXIT_OK
 
 
 async def cmd_key_renew(ctx: Ctx, a: argparse.Namespace) -> int:
+    id_arg("key", a.key_id)
     ledger = await ctx.ledger()
     account = await ledger.key_account(a.key_id)
     new = await ledger.rotate_key(a.key_id)
@@ -123,6 +149,7 @@ async def cmd_key_renew(ctx: Ctx, a: argparse.Namespace) -> int:
 
 
 async def cmd_key_revoke(ctx: Ctx, a: argparse.Namespace) -> int:
+    id_arg("key", a.key_id)
     ledger = await ctx.ledger()
     account = await ledger.revoke_key(a.key_id)
     ctx.audit("key.revoke", account, {"key_id": a.key_id}, ledger.now_ms())
@@ -137,10 +164,16 @@ async def cmd_grant(ctx: Ctx, a: argparse.Namespace) -> int:
         raise BadUsage(f"AMOUNT: {exc}") from None
     if a.expires_in <= 0:
         raise BadUsage("--expires-in must be a positive number of seconds")
+    account = id_arg("acc", a.account)
     ledger = await ctx.ledger()
-    credit = await ledger.credit(
-        a.account, amount, reference=f"grant_{uuid.uuid4().hex}", source="grant", life_s=a.expires_in
-    )
+    # With --ref a retried grant finds the first one's bucket (credit references are idempotent,
+    # and a rebuild restores them): it credits once.
+    reference = f"grant:{account}:{a.ref}" if a.ref else f"grant_{uuid.uuid4().hex}"
+    credit = await ledger.credit(account, amount, reference=reference, source="grant", life_s=a.expires_in)
+    if not credit.created and credit.amount_micro != amount:
+        raise Refused(
+            f"--ref {a.ref} already granted {credit.amount_micro} micro-units (bucket {credit.bucket_id})"
+        )
     detail: dict[str, Any] = {
         "bucket_id": credit.bucket_id,
         "amount_micro": credit.amount_micro,
@@ -148,7 +181,9 @@ async def cmd_grant(ctx: Ctx, a: argparse.Namespace) -> int:
     }
     if a.reason:
         detail["reason"] = a.reason
-    ctx.audit("grant", a.account, detail, ledger.now_ms())
+    if a.ref:
+        detail.update(ref=a.ref, created=credit.created)
+    ctx.audit("grant", account, detail, ledger.now_ms())
     ctx.emit(
         {
             "bucket_id": credit.bucket_id,
@@ -160,8 +195,9 @@ async def cmd_grant(ctx: Ctx, a: argparse.Namespace) -> int:
 
 
 async def cmd_balance(ctx: Ctx, a: argparse.Namespace) -> int:
+    account = id_arg("acc", a.account)
     ledger = await ctx.ledger()
-    bal = await ledger.balance(a.account)
+    bal = await ledger.balance(account)
     now = ledger.now_ms()
     ctx.emit(
         {
@@ -307,6 +343,9 @@ class CliParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+_REF_HELP = "idempotency reference: a retry with the same one does the operation once"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="python -m ledger", description="Coding Plan ledger operations (SPEC 6).")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -321,11 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
     account = sub.add_parser("account", help="accounts").add_subparsers(
         dest="sub", required=True, parser_class=CliParser
     )
-    cmd(account, "create", cmd_account_create, "create an account").add_argument("email")
+    ac = cmd(account, "create", cmd_account_create, "create an account")
+    ac.add_argument("email")
+    ac.add_argument("--ref", default="", help=_REF_HELP)
     key = sub.add_parser("key", help="API keys").add_subparsers(
         dest="sub", required=True, parser_class=CliParser
     )
-    cmd(key, "create", cmd_key_create, "new API key, shown once").add_argument("account")
+    kc = cmd(key, "create", cmd_key_create, "new API key, shown once")
+    kc.add_argument("account")
+    kc.add_argument("--ref", default="", help=_REF_HELP)
     cmd(key, "renew", cmd_key_renew, "rotate a key").add_argument("key_id")
     cmd(key, "revoke", cmd_key_revoke, "revoke a key").add_argument("key_id")
     g = cmd(sub, "grant", cmd_grant, "manual credit bucket")
@@ -333,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("amount", help="currency units, e.g. 100 or 12.5")
     g.add_argument("--expires-in", type=int, default=DEFAULT_BUCKET_LIFE_S, metavar="SECONDS")
     g.add_argument("--reason", default="")
+    g.add_argument("--ref", default="", help=_REF_HELP)
     cmd(sub, "balance", cmd_balance, "as GET /v1/balance").add_argument("account")
     u = cmd(sub, "usage", cmd_usage, "the account's metering rows")
     u.add_argument("account")
@@ -396,10 +440,22 @@ def run_cli(
     except (Refused, LedgerError) as exc:
         sys.stderr.write(f"{name}: {exc}\n")
         return EXIT_REFUSED
-    except ValueError as exc:
-        # Malformed ids and amounts from the command line.
-        sys.stderr.write(f"{name}: {exc}\n")
-        return EXIT_USAGE
     except (RedisConnectionError, RedisTimeoutError):
         sys.stderr.write(f"{name}: lost the connection to the ledger's Redis\n")
+        return EXIT_REFUSED
+    except MovedError:
+        sys.stderr.write(
+            f"{name}: the ledger's Redis answered MOVED: REDIS_URL names one node of a Redis Cluster\n"
+        )
+        return EXIT_REFUSED
+    except RedisError as exc:
+        sys.stderr.write(f"{name}: the ledger's Redis refused the command ({type(exc).__name__})\n")
+        return EXIT_REFUSED
+    except ValueError as exc:
+        # Malformed amounts from the command line.
+        sys.stderr.write(f"{name}: {exc}\n")
+        return EXIT_USAGE
+    except Exception as exc:
+        # SPEC 6: a one-line reason, never a traceback (the type only: a message can quote data).
+        sys.stderr.write(f"{name}: failed ({type(exc).__name__}); nothing further was done\n")
         return EXIT_REFUSED

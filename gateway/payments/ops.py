@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from ledger.cli import EXIT_OK, BadUsage, CliParser, Ctx, Refused, run_cli
+from ledger.cli import EXIT_OK, BadUsage, CliParser, Ctx, Refused, id_arg, run_cli
 from ledger.money import parse_amount
 
 from ..errors import GatewayError
@@ -61,6 +61,7 @@ async def cmd_refund(ctx: Ctx, a: argparse.Namespace) -> int:
             amount = parse_amount(a.amount)
         except ValueError as exc:
             raise BadUsage(f"--amount: {exc}") from None
+    id_arg("bkt", a.bucket_id)
     async with _payments(ctx) as payments:
         account = await payments.ledger.bucket_account(a.bucket_id) or ""
         try:
