@@ -28,6 +28,7 @@ from .errors import (
     UnknownKey,
 )
 from .money import MAX_MICRO
+from .personal import new_account_key, seal
 from .scripts import Scripts
 
 __all__ = [
@@ -205,9 +206,10 @@ class Ledger:
             shard = int.from_bytes(secrets.token_bytes(2), "big") % self.keys.shards
             sub_hash = ""
             account_id = K.new_account_id(shard)
+        pii_key = new_account_key()
         res = await self._run(
-            "account_create", account_id, account_id, email, sub or "", sub_hash, self.now_ms(),
-            low_threshold_micro,
+            "account_create", account_id, account_id, email, sub_hash, self.now_ms(), low_threshold_micro,
+            pii_key, seal(pii_key, account_id, "email", email), seal(pii_key, account_id, "sub", sub or ""),
         )
         return res[1], res[0] == "ok"
 
@@ -254,12 +256,23 @@ class Ledger:
 
     async def set_low_threshold(self, account_id: str, micro: int) -> None:
         _check_amount(micro, "threshold")
-        res = await self._run("account_set", account_id, account_id, self.now_ms(), "low_threshold", micro)
+        res = await self._run(
+            "account_set", account_id, account_id, self.now_ms(), "low_threshold", micro, "", ""
+        )
         if res[0] != "ok":
             raise UnknownAccount("no such active account")
 
     async def set_email(self, account_id: str, email: str) -> None:
-        res = await self._run("account_set", account_id, account_id, self.now_ms(), "email", email)
+        pfx = self.keys.pfx_for(account_id)
+        for _ in range(3):
+            # Sealed with the account's own key; an account older than pii_key gets a new one.
+            pii_key = await self.redis.hget(pfx + "a:" + account_id, "pii_key") or new_account_key()
+            sealed = seal(pii_key, account_id, "email", email)
+            res = await self._run(
+                "account_set", account_id, account_id, self.now_ms(), "email", email, sealed, pii_key
+            )
+            if res[0] != "stale_key":  # another writer gave the account its key meanwhile: again
+                break
         if res[0] != "ok":
             raise UnknownAccount("no such active account")
 
