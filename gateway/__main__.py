@@ -49,11 +49,14 @@ def _banner(settings: Settings, app: web.Application, port: int) -> None:
 
 async def serve(settings: Settings) -> None:
     from .app import create_app
+    from .server import GatewayRunner
 
     app = create_app(settings)
     # handler_cancellation: a client that goes away cancels its handler at once, which aborts the
     # upstream request; the bill is settled in the handler's finally.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=settings.shutdown_grace_s, access_log=None)
+    runner = GatewayRunner(
+        app, handler_cancellation=True, shutdown_timeout=settings.shutdown_grace_s, access_log=None
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()

@@ -25,6 +25,7 @@ from .middlewares import error_middleware
 from .models import Registry, load_registry
 from .payments import setup_payments
 from .proxy import Proxy
+from .server import quiet_aiohttp_loggers
 from .settings import Settings
 from .web import setup_web
 
@@ -45,6 +46,7 @@ def create_app(
     clock: Callable[[], float] | None = None,
 ) -> web.Application:
     """Build the app. Tests pass their own Redis client (own key prefix) and a registry of fakes."""
+    quiet_aiohttp_loggers()  # aiohttp's own log records lose anything that could quote a request
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[REGISTRY] = registry or load_registry(settings.models_file, settings.provider_env)

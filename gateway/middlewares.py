@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -121,6 +123,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = render_error(
             client_format(request.path),
             E.ServiceUnavailable("The ledger is briefly unavailable; nothing was charged. Retry shortly."),
+            request_id,
+        )
+    except (HttpProcessingError, RequestPayloadError) as exc:
+        # The body's framing or Content-Encoding broke while a handler read it (a gzip header on a body
+        # that is not gzip, bad chunked encoding): the client's fault. The message quotes the bytes.
+        log.info("unreadable request body error=%s request_id=%s", type(exc).__name__, request_id)
+        response = render_error(
+            client_format(request.path),
+            E.BadRequest("The request body could not be read: its framing or Content-Encoding is broken."),
             request_id,
         )
     except Exception as exc:
