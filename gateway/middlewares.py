@@ -134,6 +134,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             E.BadRequest("The request body could not be read: its framing or Content-Encoding is broken."),
             request_id,
         )
+        # The rest of the body is unreadable too: say the connection ends here, or the client would
+        # send its next request on a connection aiohttp is about to drop.
+        response.force_close()
     except Exception as exc:
         # SECURITY: an exception's message may quote request data; log its type and where it was
         # raised, never its message or locals.
@@ -143,5 +146,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     if not response.prepared:
         response.headers.setdefault("x-request-id", request_id)
+        if "Content-Encoding" in request.headers and not request.content.is_eof():
+            # aiohttp drains an unread body after the response and drops the connection if it cannot
+            # be decoded: announce the close, or a client reuses the connection and loses a request.
+            response.force_close()
     metrics.request(route, response.status)
     return response

@@ -167,6 +167,10 @@ class Proxy:
                 raise E.BadRequest("Only n=1 is supported.", param="n")
         if "stream" in body and not isinstance(body["stream"], bool):
             raise E.BadRequest("'stream' must be a boolean.", param="stream")
+        # Checked here, before the reservation: read after it, a string or a list raised there and
+        # left the hold and the key's concurrency slot taken until the stale sweep.
+        if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+            raise E.BadRequest("'stream_options' must be an object.", param="stream_options")
         model = self.registry.get(model_name)
         if model is None:
             raise E.NotFound(

@@ -519,7 +519,7 @@ def _history_row(r: sqlite3.Row, *, with_cursor: bool) -> dict[str, Any]:
 
 def _parse_cursor(cursor: str) -> tuple[int, str]:
     at, sep, event_id = cursor.partition(":")
-    if not sep or not at.isdigit() or not event_id or len(cursor) > 200:
+    if not sep or not at.isdigit() or len(at) > 15 or not event_id or len(cursor) > 200:
         raise ValueError("not a history cursor")
     return int(at), event_id
 
