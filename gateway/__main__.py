@@ -24,6 +24,24 @@ def _logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def startup_warnings(settings: Settings) -> list[str]:
+    """What an operator must not miss: said loudly at start-up (stderr and the log)."""
+    out = []
+    if settings.requested_host is not None:
+        out.append(
+            f"HOST={settings.requested_host} ignored: the embedded default (no REDIS_URL) has a demo "
+            "sign-in and play credit, so it listens on 127.0.0.1 only. Set REDIS_URL and SESSION_SECRET "
+            "to serve other machines."
+        )
+    if settings.omise_enabled and not settings.omise_webhook_secret:
+        out.append(
+            "OMISE_WEBHOOK_SECRET is not set: Omise webhook events are accepted unsigned (each forged "
+            "post costs a call to Omise). Copy the webhook secret from Omise's dashboard "
+            "(Settings > Webhooks) into OMISE_WEBHOOK_SECRET."
+        )
+    return out
+
+
 def _banner(settings: Settings, app: web.Application, port: int) -> None:
     demo = app.get(DEMO)
     base = f"http://{settings.host}:{port}"
@@ -61,6 +79,9 @@ async def serve(settings: Settings) -> None:
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else settings.port
+    for warning in startup_warnings(settings):
+        log.warning("%s", warning)
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     if settings.embedded:
         _banner(settings, app, port)
     else:

@@ -18,8 +18,22 @@ from ledger.store import Store
 
 from . import tokens
 from .api import api_routes
-from .appkeys import BACKGROUND, DEMO, HTTP, LEDGER, METRICS, PROXY, REDIS, REGISTRY, SETTINGS, STORE
+from .appkeys import (
+    AUTH_THROTTLE,
+    BACKGROUND,
+    COUNT_SLOTS,
+    DEMO,
+    HTTP,
+    LEDGER,
+    METRICS,
+    PROXY,
+    REDIS,
+    REGISTRY,
+    SETTINGS,
+    STORE,
+)
 from .demo import demo_routes
+from .limits import AuthThrottle, KeySlots
 from .metrics import Metrics
 from .middlewares import error_middleware
 from .models import Registry, load_registry
@@ -52,6 +66,7 @@ def create_app(
     app[REGISTRY] = registry or load_registry(settings.models_file, settings.provider_env)
     app[METRICS] = Metrics()
     app[BACKGROUND] = set()
+    app[COUNT_SLOTS] = KeySlots(settings.count_tokens_concurrency)
     internal_token = secrets.token_urlsafe(24)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -79,6 +94,14 @@ def create_app(
         app[REDIS] = client
         keyspace = Keyspace(prefix=settings.ledger_prefix, shards=settings.ledger_shards)
         app[LEDGER] = Ledger(client, keyspace, **({"clock": clock} if clock else {}))
+        app[AUTH_THROTTLE] = AuthThrottle(
+            client,
+            keyspace,
+            app[METRICS],
+            limit=settings.auth_failure_limit,
+            window_s=settings.auth_failure_window_s,
+            forwarded_hops=settings.forwarded_hops,
+        )
         await app[LEDGER].load_scripts()
         app[STORE] = Store(str(settings.database_path))
         worker_stop = asyncio.Event()

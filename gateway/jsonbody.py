@@ -12,9 +12,16 @@ from . import errors as E
 __all__ = ["MAX_JSON_DEPTH", "read_json_object"]
 
 
-async def read_json_object(request: web.Request, *, required: bool = True) -> dict[str, Any]:
-    """The body as a dict. Empty: 400 when required, else {}. aiohttp enforces MAX_BODY_BYTES (413)."""
+async def read_json_object(
+    request: web.Request, *, required: bool = True, max_bytes: int | None = None
+) -> dict[str, Any]:
+    """The body as a dict. Empty: 400 when required, else {}. aiohttp enforces MAX_BODY_BYTES (413);
+    ``max_bytes`` is a smaller cap of a route's own, checked before the body is read or parsed."""
+    if max_bytes is not None and (request.content_length or 0) > max_bytes:
+        raise E.PayloadTooLarge(f"Request body exceeds this route's {max_bytes} byte limit.")
     raw = await request.read()
+    if max_bytes is not None and len(raw) > max_bytes:  # sent chunked, without a Content-Length
+        raise E.PayloadTooLarge(f"Request body exceeds this route's {max_bytes} byte limit.")
     if not raw:
         if required:
             raise E.BadRequest("Request body is empty; send a JSON object.")
