@@ -28,11 +28,13 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 async def list_models(request: web.Request) -> web.Response:
     await authenticate(request, request.app[LEDGER])
     registry = request.app[REGISTRY]
-    models = sorted(registry.models.values(), key=lambda m: m.name)
+    # Models and their plain aliases (Claude Code's picker shows only ids that begin with claude or
+    # anthropic, so an operator can put a model there under a claude- alias).
+    names = registry.listed_names()
     if "anthropic-version" in request.headers:
         data = [
-            {"type": "model", "id": m.name, "display_name": m.display_name, "created_at": iso_ms(m.created * 1000)}
-            for m in models
+            {"type": "model", "id": name, "display_name": m.display_name, "created_at": iso_ms(m.created * 1000)}
+            for name, m in names
         ]
         return _json({
             "data": data,
@@ -42,7 +44,7 @@ async def list_models(request: web.Request) -> web.Response:
         })
     return _json({
         "object": "list",
-        "data": [{"id": m.name, "object": "model", "created": m.created, "owned_by": m.provider.name} for m in models],
+        "data": [{"id": name, "object": "model", "created": m.created, "owned_by": m.provider.name} for name, m in names],
     })
 
 
@@ -120,11 +122,31 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return await proxy.messages(request)
 
 
+async def responses(request: web.Request) -> web.StreamResponse:
+    proxy: Proxy = request.app[PROXY]
+    return await proxy.responses(request)
+
+
+async def responses_compact(request: web.Request) -> web.StreamResponse:
+    proxy: Proxy = request.app[PROXY]
+    return await proxy.responses_compact(request)
+
+
+async def responses_websocket(request: web.Request) -> web.Response:
+    # Codex may try a WebSocket on /v1/responses first; 426 is what it falls back to HTTP from.
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        raise E.UpgradeRequired("This gateway serves the Responses API over HTTP only; POST /v1/responses.")
+    raise E.MethodNotAllowed("Use POST /v1/responses.")
+
+
 def api_routes() -> list[web.RouteDef]:
     return [
         web.post("/v1/chat/completions", chat_completions),
         web.post("/v1/messages", messages),
         web.post("/v1/messages/count_tokens", count_tokens),
+        web.post("/v1/responses", responses),
+        web.get("/v1/responses", responses_websocket, allow_head=False),
+        web.post("/v1/responses/compact", responses_compact),
         web.get("/v1/models", list_models, allow_head=False),
         web.get("/v1/balance", balance, allow_head=False),
         web.get("/healthz", healthz),
