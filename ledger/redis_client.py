@@ -96,8 +96,9 @@ class BoundedCluster(RedisCluster):
                 self._initialize = True  # re-read which node serves which slot
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
-        if transaction or shard_hint:
-            raise ValueError("no transactions on the ledger's cluster: each change is one Lua call")
+        # A transaction (MULTI/EXEC) must stay in one hash slot: redis-py refuses a cross-slot one.
+        if shard_hint:
+            raise ValueError("shard_hint is not supported on a cluster")
         return _BoundedPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py's own pipeline()
 
 

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from gateway.app import create_app
 from gateway.appkeys import LEDGER
 from gateway.models import load_registry
+from gateway.server import GatewayRunner
 from gateway.settings import Settings
 from ledger.journal import JournalWorker
 from ledger.keys import Keyspace
@@ -151,7 +152,7 @@ async def running_gateway(
     store = Store(str(settings.database_path))
     await asyncio.to_thread(store.migrate)
     app = create_app(settings, redis=redis, registry=registry)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
+    runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
