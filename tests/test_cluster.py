@@ -30,9 +30,12 @@ from ledger.redis_client import BoundedCluster, connect, delete_keys, scan_keys
 from ledger.scripts import SCRIPT_NAMES, script_source
 from ledger.store import Store
 from tests.conftest import REDIS_URL
+from tests.fakes.upstream import FakeUpstream, FakeUsage, Script
+from tests.gateway_harness import running_gateway
 from tests.ledger_invariants import check_conservation
 from tests.redis_cluster import LocalCluster
 from tests.test_journal import metering
+from tests.test_proxy_faults import body_for, headers_for, path_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = 16  # the default: enough shards that every primary holds some
@@ -297,3 +300,59 @@ async def test_a_manual_failover_under_load_loses_no_money_and_meters_each_reque
     finally:
         redis_cluster.wait_healthy()
 
+
+
+@pytest.mark.slow
+async def test_the_gateway_serves_through_a_primary_killed_under_load_and_bills_each_request_once(
+    redis_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """End to end: streaming requests on keys of every primary while one primary is SIGKILLed.
+    Every request is answered 200 and billed exactly once; the books balance afterwards."""
+    client = await connect(redis_cluster.url)
+    keyspace = Keyspace(prefix=f"t{uuid.uuid4().hex[:10]}", shards=SHARDS)
+    victim = 0
+    try:
+        async with FakeUpstream() as fake, running_gateway(
+            client, keyspace, tmp_path, fake, key_concurrency_limit=100
+        ) as gw:
+            fake.script = Script(text_chunks=4, chunk_delay_s=0.01, usage=FakeUsage(input_cache_miss=20, output=50))
+            keys = [await gw.funded_key(1000, email=f"gw{i}@example.com") for i in range(12)]
+            victim = _busiest_primary(redis_cluster, gw.ledger)
+            served: list[str] = []
+            statuses: list[int] = []
+            stop = asyncio.Event()
+
+            async def client_loop(i: int) -> None:
+                fmt = ("openai", "anthropic")[i % 2]
+                while not stop.is_set():
+                    key = keys[(i + len(statuses)) % len(keys)]
+                    async with gw.http.post(
+                        gw.url + path_for(fmt), json=body_for(fmt, "gpt-test", stream=True, max_tokens=100),
+                        headers=headers_for(fmt, key),
+                    ) as r:
+                        raw = await r.read()
+                        statuses.append(r.status)
+                        if r.status == 200 and b"error" not in raw:
+                            served.append(r.headers["x-request-id"])
+
+            loops = [asyncio.create_task(client_loop(i)) for i in range(16)]
+            while len(statuses) < 100:
+                await asyncio.sleep(0.02)
+            await asyncio.to_thread(redis_cluster.kill, victim)
+            before = len(statuses)
+            while len(statuses) < before + 200:
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.gather(*loops)
+            assert set(statuses) == {200} and len(served) == len(statuses)
+            rows = await gw.settled(len(served))
+            assert sorted(r["request_id"] for r in rows) == sorted(served)  # once each
+            assert {r["status"] for r in rows} == {"ok"}
+            assert await check_conservation(gw.ledger) == []
+            await gw.reconcile_ok()
+    finally:
+        if victim and victim not in redis_cluster.live():
+            redis_cluster.restart(victim)
+        redis_cluster.wait_healthy()
+        await delete_keys(client, [k async for k in scan_keys(client, f"{keyspace.prefix}:*")])
+        await client.aclose()
