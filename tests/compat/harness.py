@@ -119,6 +119,11 @@ class ClientRun:
     def output(self) -> str:
         return self.stdout + "\n" + self.stderr
 
+    @property
+    def flat(self) -> str:
+        """The output with its line wrapping undone (clients wrap long messages to the terminal)."""
+        return " ".join(self.output.split())
+
     def describe(self) -> str:
         """For assertion messages: how it ended and the tail of its output."""
         tail = self.output[-3000:]
@@ -247,6 +252,7 @@ class Compat:
             "LANG": "C.UTF-8",
             "TERM": "dumb",
             "NO_COLOR": "1",
+            "COLUMNS": "200",
             **OFFLINE_ENV,
             **extra,
         }
