@@ -11,7 +11,8 @@ import sys
 
 from aiohttp import web
 
-from .appkeys import DEMO
+from .appkeys import DEMO, REGISTRY
+from .client_setup import tool_setups
 from .settings import ConfigError, Settings
 
 log = logging.getLogger("gateway")
@@ -41,8 +42,10 @@ def _banner(settings: Settings, app: web.Application, port: int) -> None:
             f"  curl -N {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
             "-H 'Content-Type: application/json' "
             "-d '{\"model\": \"demo\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'",
-            f"  OpenAI SDK: base_url={base}/v1   Anthropic SDK / Claude Code: ANTHROPIC_BASE_URL={base}",
         ]
+        model = app[REGISTRY].suggested_model()
+        for setup in tool_setups(base, key, model=model):
+            lines += [f"{setup.tool} ({setup.where}):", *(f"  {line}" for line in setup.text.splitlines())]
     print("\n".join(lines), flush=True)
 
 

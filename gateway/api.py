@@ -27,11 +27,13 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 async def list_models(request: web.Request) -> web.Response:
     await authenticate(request, request.app[LEDGER])
     registry = request.app[REGISTRY]
-    models = sorted(registry.models.values(), key=lambda m: m.name)
+    # Models and their plain aliases (Claude Code's picker shows only ids that begin with claude or
+    # anthropic, so an operator can put a model there under a claude- alias).
+    names = registry.listed_names()
     if "anthropic-version" in request.headers:
         data = [
-            {"type": "model", "id": m.name, "display_name": m.display_name, "created_at": iso_ms(m.created * 1000)}
-            for m in models
+            {"type": "model", "id": name, "display_name": m.display_name, "created_at": iso_ms(m.created * 1000)}
+            for name, m in names
         ]
         return _json({
             "data": data,
@@ -41,7 +43,7 @@ async def list_models(request: web.Request) -> web.Response:
         })
     return _json({
         "object": "list",
-        "data": [{"id": m.name, "object": "model", "created": m.created, "owned_by": m.provider.name} for m in models],
+        "data": [{"id": name, "object": "model", "created": m.created, "owned_by": m.provider.name} for name, m in names],
     })
 
 

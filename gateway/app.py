@@ -47,7 +47,7 @@ def create_app(
     """Build the app. Tests pass their own Redis client (own key prefix) and a registry of fakes."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    app[REGISTRY] = registry or load_registry(settings.models_file, settings.provider_env)
+    app[REGISTRY] = registry or _registry(settings)
     app[METRICS] = Metrics()
     app[BACKGROUND] = set()
     internal_token = secrets.token_urlsafe(24)
@@ -117,6 +117,15 @@ def create_app(
     setup_web(app)
     setup_payments(app)
     return app
+
+
+def _registry(settings: Settings) -> Registry:
+    registry = load_registry(settings.models_file, settings.provider_env)
+    if settings.embedded and "demo" in registry.models:
+        # No provider key is set on the embedded default: Claude Code's own model names (its default
+        # claude-opus-..., sonnet, haiku) answer with the local demo model, so it works out of the box.
+        registry = registry.with_aliases_to("demo")
+    return registry
 
 
 async def _heartbeat(proxy: Proxy, ledger: Ledger) -> None:

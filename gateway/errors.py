@@ -42,11 +42,20 @@ class GatewayError(Exception):
     openai_type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        fields: dict[str, int | str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.headers = headers or {}
+        # Machine-readable facts riding beside `message` in the error object (ids and amounts only).
+        self.fields = fields or {}
 
 
 class BadRequest(GatewayError):

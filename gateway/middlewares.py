@@ -51,8 +51,9 @@ def client_format(path: str) -> str:
 def ledger_to_gateway(err: LE.LedgerError) -> E.GatewayError:
     if isinstance(err, LE.InsufficientFunds):
         return E.InsufficientCredit(
-            f"Not enough credit: {err.available_micro} micro-units available. Top up at the dashboard.",
+            "Not enough credit for this request. Top up on the dashboard, then retry.",
             headers={"x-should-retry": "false"},
+            fields={"available_micro": err.available_micro},
         )
     if isinstance(err, LE.ConcurrencyLimit):
         return E.TooManyRequests("Too many concurrent requests for this API key; retry when one finishes.")
@@ -69,15 +70,21 @@ def render_error(fmt: str, err: E.GatewayError, request_id: str) -> web.Response
     if fmt == "anthropic":
         body: dict[str, object] = {
             "type": "error",
-            "error": {"type": err.anthropic_type, "message": err.message},
+            "error": {"type": err.anthropic_type, "message": err.message, **err.fields},
             "request_id": request_id,
         }
     elif fmt == "openai":
         body = {
-            "error": {"message": err.message, "type": err.openai_type, "param": err.param, "code": err.code}
+            "error": {
+                "message": err.message,
+                "type": err.openai_type,
+                "param": err.param,
+                "code": err.code,
+                **err.fields,
+            }
         }
     else:
-        body = {"error": {"type": err.anthropic_type, "code": err.code, "message": err.message}}
+        body = {"error": {"type": err.anthropic_type, "code": err.code, "message": err.message, **err.fields}}
     headers = {"x-request-id": request_id, **err.headers}
     if err.status == 402:
         headers.setdefault("x-should-retry", "false")

@@ -6,21 +6,36 @@ decimal string or a float.
 
 from __future__ import annotations
 
+import fnmatch
 import time
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ledger.money import price_per_million_micro
 
 from .settings import ConfigError
 
-__all__ = ["DEMO_BASE_URL", "Model", "PriceWindow", "Prices", "Provider", "Registry", "load_registry"]
+__all__ = [
+    "DEMO_BASE_URL",
+    "Capabilities",
+    "Model",
+    "PriceWindow",
+    "Prices",
+    "Provider",
+    "Registry",
+    "load_registry",
+]
 
 DEMO_BASE_URL = "internal:demo"
 Format = Literal["openai", "anthropic"]
+# How an OpenAI-format upstream takes a request for reasoning: DeepSeek's `thinking` switch, OpenAI's
+# `reasoning_effort`, or not at all (the client's thinking settings are then dropped).
+Reasoning = Literal["none", "deepseek", "openai"]
+# What an OpenAI-format upstream accepts as `response_format` for structured output.
+StructuredOutput = Literal["json_schema", "json_object", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +56,14 @@ class Provider:
     @property
     def internal(self) -> bool:
         return self.base_url == DEMO_BASE_URL
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a model's upstream can carry of a translated request (the rest is mapped or dropped)."""
+
+    reasoning: Reasoning = "none"
+    structured_output: StructuredOutput = "json_schema"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +104,8 @@ class Model:
     max_output_tokens: int
     created: int
     windows: tuple[PriceWindow, ...] = ()
+    aliases: tuple[str, ...] = ()
+    capabilities: Capabilities = field(default_factory=Capabilities)
 
     def prices_at(self, ms: int) -> Prices:
         """The prices for a request that started at ``ms`` (epoch milliseconds)."""
@@ -97,9 +122,43 @@ class Registry:
     currency: str
     providers: Mapping[str, Provider]
     models: Mapping[str, Model]
+    # Exact aliases, and `*` patterns most specific first (more literal characters, then file order).
+    exact_aliases: Mapping[str, Model] = field(default_factory=dict)
+    patterns: tuple[tuple[str, Model], ...] = ()
 
     def get(self, name: str) -> Model | None:
-        return self.models.get(name)
+        """The model serving ``name``: a model's own name, else an exact alias, else a pattern."""
+        model = self.models.get(name) or self.exact_aliases.get(name)
+        if model is not None:
+            return model
+        for pattern, target in self.patterns:
+            if fnmatch.fnmatchcase(name, pattern):
+                return target
+        return None
+
+    def listed_names(self) -> list[tuple[str, Model]]:
+        """Every name a client may pick: the models and their plain (non-wildcard) aliases."""
+        names = [(m.name, m) for m in self.models.values()]
+        names += [(a, m) for a, m in self.exact_aliases.items()]
+        return sorted(names, key=lambda pair: pair[0])
+
+    def suggested_model(self) -> str:
+        """The model to name in setup snippets: the one answering Claude Code's names, else the first."""
+        if self.patterns:
+            return self.patterns[-1][1].name
+        return next(iter(self.models))
+
+    def with_aliases_to(self, target: str) -> Registry:
+        """The same registry with every alias answered by ``target`` (the embedded default points
+        Claude Code's model names at the local demo model, since no provider key is set there)."""
+        model = self.models[target]
+        return Registry(
+            self.currency,
+            self.providers,
+            self.models,
+            {a: model for a in self.exact_aliases},
+            tuple((p, model) for p, _ in self.patterns),
+        )
 
 
 def load_registry(path: Path, env: Mapping[str, str]) -> Registry:
@@ -143,6 +202,13 @@ def load_registry(path: Path, env: Mapping[str, str]) -> Registry:
                 max_output_tokens=int(m.get("max_output_tokens", 4096)),
                 created=created,
                 windows=windows,
+                aliases=_aliases(name, m.get("aliases", [])),
+                capabilities=Capabilities(
+                    reasoning=_choice(name, m, "reasoning", ("none", "deepseek", "openai"), "none"),
+                    structured_output=_choice(
+                        name, m, "structured_output", ("json_schema", "json_object", "none"), "json_schema"
+                    ),
+                ),
             )
         except KeyError as e:
             raise ConfigError(f"model {name}: {e.args[0]} is required") from None
@@ -150,7 +216,37 @@ def load_registry(path: Path, env: Mapping[str, str]) -> Registry:
             raise ConfigError(f"model {name}: {e}") from None
     if not models:
         raise ConfigError(f"MODELS_FILE {path} defines no models")
-    return Registry(currency, providers, models)
+    exact: dict[str, Model] = {}
+    patterns: list[tuple[str, Model]] = []
+    for model in models.values():
+        for alias in model.aliases:
+            if alias in models:
+                raise ConfigError(f"model {model.name}: alias {alias!r} is already a model's name")
+            if "*" in alias:
+                patterns.append((alias, model))
+            elif alias in exact:
+                raise ConfigError(f"model {model.name}: alias {alias!r} is taken by {exact[alias].name}")
+            else:
+                exact[alias] = model
+    # Stable sort: among patterns equally specific, the file's order decides.
+    patterns.sort(key=lambda pair: -len(pair[0].replace("*", "")))
+    return Registry(currency, providers, models, exact, tuple(patterns))
+
+
+def _aliases(model: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(a, str) and a for a in value):
+        raise ValueError("aliases must be a list of non-empty strings")
+    for a in value:
+        if any(c in a for c in "?[]"):
+            raise ValueError(f"alias {a!r}: only `*` is a wildcard")
+    return tuple(value)
+
+
+def _choice(model: str, m: Mapping[str, object], key: str, allowed: tuple[str, ...], default: str) -> Any:
+    value = m.get(key, default)
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(allowed)}")
+    return value
 
 
 def _prices(m: Mapping[str, object]) -> Prices:

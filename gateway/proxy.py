@@ -10,7 +10,8 @@ and releases the rest.
 from __future__ import annotations
 
 import asyncio
-import functools
+import hashlib
+import hmac
 import logging
 import random
 import time
@@ -29,25 +30,15 @@ from ledger.ledger import Ledger, Settlement
 from ledger.money import iso_ms
 
 from . import errors as E
-from . import tokens
 from .appkeys import REQUEST_ID
 from .auth import REVOKED, KeyCache, authenticate_cached
+from .formats import FORMATS, ClientFormat, Outgoing, Route, StreamContext
 from .jsonbody import read_json_object
 from .metrics import Metrics
 from .models import Model, Prices, Registry
+from .relay import echo_model, relay_stream
 from .settings import Settings
-from .sse import DONE, SSEParser, format_json_event
-from .translate import (
-    AnthropicToOpenAIStream,
-    OpenAIToAnthropicStream,
-    ToolNameMap,
-    anthropic_error_to_openai,
-    anthropic_to_openai_request,
-    anthropic_to_openai_response,
-    openai_error_to_anthropic,
-    openai_to_anthropic_request,
-    openai_to_anthropic_response,
-)
+from .translate import ToolNameMap
 from .usage import Usage, UsageTracker, charge_micro
 
 __all__ = ["Proxy"]
@@ -57,13 +48,6 @@ log = logging.getLogger("gateway.proxy")
 # About 40 s of retries in all: well inside a reservation's 300 s deadline.
 SETTLE_ATTEMPTS = 12
 
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
-
-
 @dataclass(slots=True)
 class Exchange:
     """One request's bookkeeping: ids and counts only, never content."""
@@ -72,7 +56,9 @@ class Exchange:
     account_id: str
     key_id: str
     model: Model
-    client_fmt: str
+    client_model: str  # the name the client sent (an alias, perhaps): echoed back
+    client: ClientFormat
+    route: Route
     stream: bool
     include_usage: bool
     input_estimate: int
@@ -82,22 +68,25 @@ class Exchange:
     status: str = "ok"
     produced: bool = False
     tracker: UsageTracker = field(init=False)
-    names: ToolNameMap | None = None
+    names: ToolNameMap = field(default_factory=ToolNameMap)
 
     def __post_init__(self) -> None:
         self.tracker = UsageTracker(self.model.provider.format)
 
     @property
-    def translated(self) -> bool:
-        return self.client_fmt != self.model.provider.format
+    def upstream_fmt(self) -> str:
+        return self.model.provider.format
+
+    @property
+    def client_fmt(self) -> str:
+        return self.client.name
 
 
-@functools.lru_cache(maxsize=1024)
-def _model_patterns(up_name: str, client_name: str) -> tuple[bytes, bytes, bytes, bytes]:
-    # Built once per model pair, not per chunk: encoding them on every chunk cost ~45 us a request.
-    up_b = orjson.dumps(up_name)
-    cl_b = orjson.dumps(client_name)
-    return b'"model":' + up_b, b'"model":' + cl_b, b'"model": ' + up_b, b'"model": ' + cl_b
+def _amount(micro: int) -> str:
+    """Micro-units as currency for people: 54_000 -> '0.054', 12_500_000 -> '12.50'."""
+    whole, frac = divmod(micro, 1_000_000)
+    digits = f"{frac:06d}".rstrip("0").ljust(2, "0")
+    return f"{whole}.{digits}"
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -139,58 +128,41 @@ class Proxy:
 
     # ----- request intake ----------------------------------------------------------------------
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "openai")
+        return await self._handle(request, FORMATS["openai"])
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, "anthropic")
+        return await self._handle(request, FORMATS["anthropic"])
 
-    def _validate(self, body: dict[str, Any], fmt: str) -> Model:
-        model_name = body.get("model")
-        if not isinstance(model_name, str) or not model_name:
-            raise E.BadRequest("'model' is required and must be a string.", param="model")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise E.BadRequest("'messages' is required and must be a non-empty array.", param="messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise E.BadRequest(f"messages[{i}] must be an object with a 'role'.", param=f"messages[{i}]")
-        if fmt == "anthropic":
-            mt = body.get("max_tokens")
-            if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
-                raise E.BadRequest("'max_tokens' is required and must be a positive integer.", param="max_tokens")
-        else:
-            for name in ("max_tokens", "max_completion_tokens"):
-                mt = body.get(name)
-                if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 1):
-                    raise E.BadRequest(f"'{name}' must be a positive integer.", param=name)
-            if body.get("n") not in (None, 1):
-                raise E.BadRequest("Only n=1 is supported.", param="n")
-        if "stream" in body and not isinstance(body["stream"], bool):
-            raise E.BadRequest("'stream' must be a boolean.", param="stream")
-        model = self.registry.get(model_name)
+    def _model(self, name: str) -> Model:
+        model = self.registry.get(name)
         if model is None:
-            raise E.NotFound(
-                f"Model '{model_name}' is not available here; GET /v1/models lists the models.", param="model"
-            )
+            raise E.NotFound(f"Model '{name}' is not available here; GET /v1/models lists the models.", param="model")
         return model
 
-    def _requested_output(self, body: dict[str, Any], fmt: str, model: Model) -> int:
-        if fmt == "anthropic":
-            asked = int(body["max_tokens"])
-        else:
-            asked = body.get("max_completion_tokens") or body.get("max_tokens") or model.max_output_tokens
-        return int(min(asked, model.max_output_tokens))
+    def _user_tag(self, key_id: str) -> str:
+        # Stands in for a client's own user id upstream (Claude Code's metadata.user_id carries its
+        # device and session ids): stable per key, meaningless outside the gateway.
+        mac = hmac.new(self.settings.session_secret, key_id.encode(), hashlib.sha256).hexdigest()
+        return f"cp_{mac[:32]}"
 
-    async def _handle(self, request: web.Request, fmt: str) -> web.StreamResponse:
+    def _insufficient(self, needed: int, available: int, useful: int) -> E.InsufficientCredit:
+        currency = self.registry.currency
+        return E.InsufficientCredit(
+            f"Not enough credit for this request: it needs {_amount(needed)} {currency} "
+            f"(the prompt plus {useful} output tokens) and {_amount(available)} {currency} is available. "
+            f"Top up at {self.settings.public_base_url.rstrip('/')}/topup and retry.",
+            headers={"x-should-retry": "false"},
+            fields={"available_micro": available, "needed_micro": needed},
+        )
+
+    async def _handle(self, request: web.Request, client: ClientFormat) -> web.StreamResponse:
         key, key_hash = await authenticate_cached(request, self.ledger, self.key_cache)
         body = await read_json_object(request)
-        model = self._validate(body, fmt)
+        intake = client.intake(body)
+        model = self._model(intake.model_name)
         request_id: str = request[REQUEST_ID]
-        if fmt == "anthropic":
-            input_estimate = await tokens.count_anthropic_request_async(body)
-        else:
-            input_estimate = await tokens.count_openai_request_async(body)
-        requested_out = self._requested_output(body, fmt, model)
+        input_estimate = await client.count_input(body)
+        requested_out = min(intake.requested_output or model.max_output_tokens, model.max_output_tokens)
         # Ceiling: every input token at the dearer of miss/write, plus the output cap.
         started_ms = self.ledger.now_ms()
         prices = model.prices_at(started_ms)  # a price window is chosen by the request's start
@@ -219,12 +191,7 @@ class Proxy:
             self.key_cache.drop(key_hash)  # revoked since it was cached: the reserve script said so
             raise E.Unauthorized(REVOKED) from None
         except LE.InsufficientFunds as err:
-            raise E.InsufficientCredit(
-                f"Not enough credit for this request: it needs at least {minimum} micro-units "
-                f"(input plus {useful} output tokens) and {err.available_micro} are available. "
-                "Top up on the dashboard or lower max_tokens.",
-                headers={"x-should-retry": "false"},
-            ) from None
+            raise self._insufficient(minimum, err.available_micro, useful) from None
         max_tokens = requested_out
         if held < ceiling and prices.out > 0:
             # Lower the output cap to what the balance affords rather than refuse.
@@ -234,9 +201,11 @@ class Proxy:
             account_id=key.account_id,
             key_id=key.key_id,
             model=model,
-            client_fmt=fmt,
-            stream=bool(body.get("stream")),
-            include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+            client_model=intake.model_name,
+            client=client,
+            route=client.routes[model.provider.format],
+            stream=intake.stream,
+            include_usage=intake.include_usage,
             input_estimate=input_estimate,
             max_tokens=max_tokens,
             started_ms=started_ms,
@@ -288,32 +257,16 @@ class Proxy:
     def _upstream_request(
         self, request: web.Request, ex: Exchange, body: dict[str, Any]
     ) -> tuple[str, dict[str, str], bytes]:
-        model = ex.model
-        provider = model.provider
-        up_fmt = provider.format
-        if ex.translated:
-            ex.names = ToolNameMap()
-            if up_fmt == "openai":
-                out = anthropic_to_openai_request(
-                    body, upstream_model=model.upstream_model, max_tokens=ex.max_tokens, names=ex.names
-                )
-            else:
-                out = openai_to_anthropic_request(body, upstream_model=model.upstream_model, max_tokens=ex.max_tokens)
-        else:
-            out = dict(body)
-            out["model"] = model.upstream_model
-            if up_fmt == "openai":
-                if "max_completion_tokens" in out:
-                    out["max_completion_tokens"] = ex.max_tokens
-                else:
-                    out["max_tokens"] = ex.max_tokens
-            else:
-                out["max_tokens"] = ex.max_tokens
-        if up_fmt == "openai" and ex.stream:
+        provider = ex.model.provider
+        betas = request.headers.get("anthropic-beta", "") if ex.client_fmt == "anthropic" else ""
+        out = ex.route.request(
+            body, Outgoing(model=ex.model, max_tokens=ex.max_tokens, names=ex.names, user_tag=self._user_tag(ex.key_id), betas=betas)
+        )
+        if ex.upstream_fmt == "openai" and ex.stream:
             out["stream"] = True
             out["stream_options"] = {**(out.get("stream_options") or {}), "include_usage": True}
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if ex.stream else "application/json"}
-        if up_fmt == "openai":
+        if ex.upstream_fmt == "openai":
             api_key = self.internal_token if provider.internal else provider.api_key
             if api_key:
                 headers["Authorization"] = f"Bearer {api_key}"
@@ -321,9 +274,10 @@ class Proxy:
             if provider.api_key:
                 headers["x-api-key"] = provider.api_key
             headers["anthropic-version"] = request.headers.get("anthropic-version", "2023-06-01")
-            beta = request.headers.get("anthropic-beta")
-            if beta and ex.client_fmt == "anthropic":
-                headers["anthropic-beta"] = beta
+            if betas:
+                # An open list: every beta the client sends goes on unchanged (new ones arrive with
+                # each Claude Code release).
+                headers["anthropic-beta"] = betas
         url = provider.endpoint
         if provider.internal:
             # The demo upstream is this very server: call it on the socket the request came in on.
@@ -363,33 +317,30 @@ class Proxy:
         ex.status = "upstream_error"
         try:
             raw = await up.read()
-            err_body = orjson.loads(raw) if raw else {}
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, ValueError):
-            err_body = {}
+        except (aiohttp.ClientError, TimeoutError):
+            raw = b""
         status = up.status
-        # The upstream's own quota/balance problems are ours to fix, not the user's to top up.
-        client_status = 502 if status in (401, 402, 403) else status
-        if status == 402 or status == 401 or status == 403:
-            err_body = {"error": {"message": "The upstream provider refused our credentials or quota.", "type": "server_error"}} if ex.client_fmt == "openai" else {
-                "type": "error", "error": {"type": "api_error", "message": "The upstream provider refused our credentials or quota."}}
-        elif ex.translated:
-            if ex.client_fmt == "openai":
-                err_body = anthropic_error_to_openai(status, err_body)
-            else:
-                err_body = openai_error_to_anthropic(status, err_body)
         headers = {"x-request-id": ex.request_id}
         if "retry-after" in up.headers:
             headers["retry-after"] = up.headers["retry-after"]
-        return web.Response(status=client_status, body=orjson.dumps(err_body), content_type="application/json", headers=headers)
-
-    def _echo_model(self, data: bytes, ex: Exchange) -> bytes:
-        """Put the client's model name back where the upstream wrote its own, without re-encoding."""
-        up_name = ex.model.upstream_model
-        client_name = ex.model.name
-        if up_name == client_name:
-            return data
-        tight, tight_to, spaced, spaced_to = _model_patterns(up_name, client_name)
-        return data.replace(tight, tight_to).replace(spaced, spaced_to)
+        if status in (401, 402, 403):
+            # The upstream refused our provider credentials or quota: ours to fix, not the user's to
+            # top up or log in again for (SPEC 5).
+            raise E.UpstreamError("The upstream provider refused our credentials or quota.", headers=headers)
+        if ex.route.error is None and raw:
+            # Same format: the upstream's status and body unchanged (Claude Code's recovery reads the
+            # wording).
+            ctype = up.headers.get("Content-Type", "application/json")
+            return web.Response(status=status, body=raw, headers={**headers, "Content-Type": ctype})
+        try:
+            err_body = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            err_body = {}
+        if not isinstance(err_body, dict):
+            err_body = {}
+        if ex.route.error is not None:
+            err_body = ex.route.error(status, err_body)
+        return web.Response(status=status, body=orjson.dumps(err_body), content_type="application/json", headers=headers)
 
     async def _relay_body(self, ex: Exchange, up: aiohttp.ClientResponse) -> web.Response:
         try:
@@ -403,158 +354,29 @@ class Proxy:
             raise E.UpstreamError("The upstream model service sent a broken response; retry.") from None
         ex.tracker.observe_response(obj)
         ex.produced = True
-        if ex.translated:
-            if ex.client_fmt == "openai":
-                out = anthropic_to_openai_response(obj, client_model=ex.model.name, names=ex.names)
-            else:
-                out = openai_to_anthropic_response(obj, client_model=ex.model.name, names=ex.names)
-            raw = orjson.dumps(out)
+        if ex.route.response is not None:
+            raw = orjson.dumps(ex.route.response(obj, ex.client_model, ex.names))
         else:
-            raw = self._echo_model(raw, ex)
+            raw = echo_model(raw, ex.model.upstream_model, ex.client_model)
         return web.Response(body=raw, content_type="application/json", headers={"x-request-id": ex.request_id})
 
     async def _relay_stream(self, request: web.Request, ex: Exchange, up: aiohttp.ClientResponse) -> web.StreamResponse:
-        resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": ex.request_id})
-        await resp.prepare(request)
+        translator = None
+        if ex.route.stream is not None:
+            translator = ex.route.stream(
+                StreamContext(
+                    client_model=ex.client_model,
+                    request_id=ex.request_id,
+                    input_estimate=ex.input_estimate,
+                    include_usage=ex.include_usage,
+                    names=ex.names,
+                )
+            )
         self.metrics.active_streams += 1
         try:
-            if ex.translated:
-                await self._stream_translated(ex, up, resp)
-            else:
-                await self._stream_passthrough(ex, up, resp)
+            return await relay_stream(request, ex, up, translator)
         finally:
             self.metrics.active_streams -= 1
-        return resp
-
-    async def _stream_passthrough(self, ex: Exchange, up: aiohttp.ClientResponse, resp: web.StreamResponse) -> None:
-        parser = SSEParser()
-        tracker = ex.tracker
-        openai = ex.client_fmt == "openai"
-        # An OpenAI client that did not ask for usage must not get the extra usage-only chunk we asked
-        # for: then events are re-framed one by one (still without re-encoding their JSON).
-        filtering = openai and not ex.include_usage
-        saw_end = False
-        try:
-            async for chunk in up.content.iter_any():
-                events = parser.feed(chunk)
-                if not filtering:
-                    await resp.write(self._echo_model(chunk, ex))
-                    ex.produced = True
-                for ev in events:
-                    if ev.data == DONE:
-                        saw_end = True
-                        if filtering:
-                            await resp.write(b"data: [DONE]\n\n")
-                        continue
-                    try:
-                        obj = orjson.loads(ev.data)
-                    except orjson.JSONDecodeError:
-                        continue
-                    if openai:
-                        tracker.observe_chunk(obj)
-                        if "error" in obj:
-                            ex.status = "upstream_error"
-                    else:
-                        tracker.observe_event(ev.event or obj.get("type", ""), obj)
-                        if ev.event == "message_stop":
-                            saw_end = True
-                        elif ev.event == "error":
-                            ex.status = "upstream_error"
-                    if filtering:
-                        if not obj.get("choices") and "usage" in obj and "error" not in obj:
-                            continue  # the usage chunk the client did not ask for
-                        await resp.write(self._echo_model(b"data: " + ev.data + b"\n\n", ex))
-                        ex.produced = True
-        except TimeoutError:
-            ex.status = "upstream_timeout"
-            await self._stream_error(ex, resp, "timeout_error", "The upstream model service stopped sending; the answer is incomplete.")
-            return
-        except aiohttp.ClientError:
-            ex.status = "upstream_error"
-            await self._stream_error(ex, resp, "api_error", "The upstream connection broke; the answer is incomplete.")
-            return
-        if not saw_end and ex.status == "ok":
-            ex.status = "upstream_error"
-            await self._stream_error(ex, resp, "api_error", "The upstream ended the stream early; the answer is incomplete.")
-            return
-        await resp.write_eof()
-
-    async def _stream_translated(self, ex: Exchange, up: aiohttp.ClientResponse, resp: web.StreamResponse) -> None:
-        parser = SSEParser()
-        tracker = ex.tracker
-        if ex.client_fmt == "anthropic":
-            to_anthropic = OpenAIToAnthropicStream(
-                client_model=ex.model.name, message_id="msg_" + ex.request_id[4:], input_tokens=ex.input_estimate, names=ex.names
-            )
-            translator: OpenAIToAnthropicStream | AnthropicToOpenAIStream = to_anthropic
-            await resp.write(to_anthropic.start())
-        else:
-            translator = AnthropicToOpenAIStream(
-                client_model=ex.model.name, completion_id="chatcmpl-" + ex.request_id[4:], include_usage=ex.include_usage, names=ex.names
-            )
-        ex.produced = True
-        try:
-            async for chunk in up.content.iter_any():
-                out = b""
-                for ev in parser.feed(chunk):
-                    if ev.data == DONE:
-                        continue
-                    try:
-                        obj = orjson.loads(ev.data)
-                    except orjson.JSONDecodeError:
-                        continue
-                    if isinstance(translator, OpenAIToAnthropicStream):
-                        tracker.observe_chunk(obj)
-                        if "error" in obj:
-                            ex.status = "upstream_error"
-                            err = obj.get("error") or {}
-                            out += translator.error("api_error", str(err.get("message", "upstream error"))[:300])
-                            continue
-                        out += translator.feed(obj)
-                    else:
-                        etype = ev.event or obj.get("type", "")
-                        tracker.observe_event(etype, obj)
-                        if etype == "error":
-                            ex.status = "upstream_error"
-                            err = obj.get("error") or {}
-                            out += translator.error(str(err.get("type", "api_error")), str(err.get("message", "upstream error"))[:300])
-                            continue
-                        out += translator.feed(etype, obj)
-                if out:
-                    await resp.write(out)
-                elif chunk.startswith(b":"):
-                    # The upstream's keep-alive while it thinks: pass one on (a comment is valid SSE in
-                    # either format) so the client's idle timer does not give up on a live answer.
-                    await resp.write(b": keep-alive\n\n")
-                if translator.done:
-                    break
-        except TimeoutError:
-            ex.status = "upstream_timeout"
-            await resp.write(translator.error("timeout_error", "The upstream model service stopped sending; the answer is incomplete."))
-            await resp.write(translator.finish() if isinstance(translator, AnthropicToOpenAIStream) else b"")
-            return
-        except aiohttp.ClientError:
-            ex.status = "upstream_error"
-            await resp.write(translator.error("api_error", "The upstream connection broke; the answer is incomplete."))
-            await resp.write(translator.finish() if isinstance(translator, AnthropicToOpenAIStream) else b"")
-            return
-        tail = translator.finish()
-        if tail:
-            await resp.write(tail)
-        if ex.status == "ok" and tracker.finish_reason is None and tracker.stop_reason is None:
-            ex.status = "upstream_error"
-        await resp.write_eof()
-
-    async def _stream_error(self, ex: Exchange, resp: web.StreamResponse, err_type: str, message: str) -> None:
-        if ex.client_fmt == "anthropic":
-            frame = format_json_event({"type": "error", "error": {"type": err_type, "message": message}}, "error")
-        else:
-            frame = format_json_event({"error": {"message": message, "type": err_type, "code": ex.status}})
-        try:
-            await resp.write(frame)
-            await resp.write_eof()
-        except (ConnectionError, RuntimeError):
-            pass
 
     # ----- settlement -----------------------------------------------------------------------------
     async def _settle(self, ex: Exchange) -> None:

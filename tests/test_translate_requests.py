@@ -11,6 +11,7 @@ import pytest
 from gateway.errors import BadRequest
 from gateway.translate import ToolNameMap, anthropic_to_openai_request, openai_to_anthropic_request
 from gateway.translate.names import sanitize_tool_id
+from gateway.translate.request_to_openai import DOCUMENT_OMITTED
 
 LONG_MCP = "mcp__very_long_server_name_for_testing__and_an_even_longer_tool_name_that_goes_past_64"
 
@@ -258,42 +259,40 @@ def test_a2o_sampling_stops_metadata_and_dropped_fields():
     )
     assert out["temperature"] == 0.3 and out["top_p"] == 0.9
     assert out["stop"] == ["a", "b", "c", "d"]
-    assert out["user"] == "user-123"
-    for dropped in ("top_k", "metadata", "thinking", "betas", "stop_sequences"):
+    for dropped in ("top_k", "metadata", "user", "thinking", "betas", "stop_sequences"):
         assert dropped not in out
 
 
-def test_a2o_refuses_server_tools_and_pdf_documents_naming_the_field():
+def test_a2o_drops_server_tools_and_notes_documents_it_cannot_carry():
+    out = a2o(
+        {
+            "max_tokens": 5,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "document",
+                            "source": {"type": "base64", "media_type": "application/pdf", "data": "x"},
+                        },
+                        {"type": "search_result", "source": "s", "title": "t", "content": [{"type": "text", "text": "r"}]},
+                        {"type": "tool_reference", "tool_name": "Grep"},
+                        {"type": "text", "text": "q"},
+                    ],
+                }
+            ],
+            "tools": [
+                {"type": "web_search_20250305", "name": "web_search"},
+                {"name": "Read", "input_schema": {"type": "object"}, "strict": True, "defer_loading": True,
+                 "cache_control": {"type": "ephemeral"}},
+            ],
+        }
+    )
+    assert out["tools"] == [{"type": "function", "function": {"name": "Read", "parameters": {"type": "object"}}}]
+    assert out["messages"] == [{"role": "user", "content": f"{DOCUMENT_OMITTED}\n\nr\n\nq"}]
     with pytest.raises(BadRequest) as err:
-        a2o(
-            {
-                "max_tokens": 5,
-                "messages": [{"role": "user", "content": "x"}],
-                "tools": [{"type": "web_search_20250305", "name": "web_search"}],
-            }
-        )
-    assert err.value.param == "tools[0].type"
-    with pytest.raises(BadRequest) as err:
-        a2o(
-            {
-                "max_tokens": 5,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {
-                                "type": "document",
-                                "source": {"type": "base64", "media_type": "application/pdf", "data": "x"},
-                            }
-                        ],
-                    }
-                ],
-            }
-        )
-    assert err.value.param == "messages[0].content[0]"
-    with pytest.raises(BadRequest) as err:
-        a2o({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]})
-    assert err.value.param == "messages[0].role"
+        a2o({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file"}}]}]})
+    assert err.value.param == "messages[0].content[0].source.type"
     with pytest.raises(BadRequest):
         a2o({"max_tokens": 5, "messages": "nope"})
 
@@ -547,7 +546,7 @@ def test_round_trip_a2o2a_keeps_meaning():
     assert back["system"] == "Be brief."
     assert back["temperature"] == 0.5
     assert back["stop_sequences"] == ["STOP"]
-    assert back["metadata"] == {"user_id": "u-9"}
+    assert "metadata" not in back  # the client's user id is not carried to a third party
     assert back["max_tokens"] == 300
     assert back["tools"] == [
         {"name": "Bash", "description": "shell", "input_schema": original["tools"][0]["input_schema"]}

@@ -39,6 +39,9 @@ async def test_third_key_is_refused_and_each_key_appears_in_exactly_one_response
         assert f'export ANTHROPIC_BASE_URL="{w.url}"' in page.text
         assert f'export ANTHROPIC_AUTH_TOKEN="{k2}"' in page.text
         assert f'export OPENAI_BASE_URL="{w.url}/v1"' in page.text
+        assert f'base_url = "{w.url}/v1"' in page.text and 'wire_api = "responses"' in page.text  # Codex
+        assert [s["slug"] for s in k1["setups"]] == ["claude", "codex", "openai", "python"]
+        assert k1["config"]["codex"] == {"base_url": w.url + "/v1", "env_key": "CODINGPLAN_API_KEY", "wire_api": "responses"}
         assert 'data-copy="new-key"' in page.text
 
         third = await b.post("/api/keys", headers=h)

@@ -6,12 +6,15 @@ import json
 from typing import Any
 
 from gateway.errors import BadRequest
+from gateway.models import Capabilities
 from gateway.translate.fields import cap_max_tokens, need_dict, need_list, number
 from gateway.translate.names import ToolNameMap
+from gateway.translate.thinking import openai_reasoning
 
-__all__ = ["MAX_STOP_SEQUENCES", "anthropic_to_openai_request"]
+__all__ = ["DOCUMENT_OMITTED", "MAX_STOP_SEQUENCES", "anthropic_to_openai_request"]
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit on `stop`
+DOCUMENT_OMITTED = "[A document was attached here; this model cannot read it, so it was left out.]"
 
 
 def _system_text(system: Any) -> str:
@@ -55,12 +58,15 @@ def _user_part(block: dict[str, Any], field: str) -> dict[str, Any] | None:
         source = block.get("source") or {}
         if source.get("type") == "text" and isinstance(source.get("data"), str):
             return {"type": "text", "text": source["data"]}
-        raise BadRequest(f"{field}: only plain-text documents can be sent to this model", param=field)
-    if kind in ("thinking", "redacted_thinking"):
-        return None  # not meaningful on a user turn
-    raise BadRequest(
-        f"{field}.type: block type {kind!r} is not supported by this model", param=f"{field}.type"
-    )
+        # A PDF or file the upstream cannot read: say so in place, so the model (and the user through
+        # it) knows a document was there, instead of refusing the whole conversation.
+        return {"type": "text", "text": DOCUMENT_OMITTED}
+    if kind == "search_result":
+        texts = [str(c.get("text", "")) for c in block.get("content") or [] if isinstance(c, dict)]
+        return {"type": "text", "text": "\n".join(t for t in texts if t)} if any(texts) else None
+    # thinking on a user turn, tool_reference, container uploads, and block types newer than this
+    # gateway: nothing the upstream could take (docs/translation.md).
+    return None
 
 
 def _collapse(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
@@ -157,11 +163,8 @@ def _assistant_message(content: Any, field: str, names: ToolNameMap) -> dict[str
                     },
                 }
             )
-        else:
-            raise BadRequest(
-                f"{field}.content[{j}].type: block type {kind!r} is not supported by this model",
-                param=f"{field}.content[{j}].type",
-            )
+        # server_tool_use, web_search_tool_result and other server-side blocks: the upstream ran none
+        # of them and cannot take them back; dropped (docs/translation.md).
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or (None if tool_calls else "")}
     if tool_calls:
         message["tool_calls"] = tool_calls
@@ -177,12 +180,11 @@ def _openai_tools(tools: Any, names: ToolNameMap) -> list[dict[str, Any]]:
         tool = need_dict(tool, f"tools[{i}]")
         kind = tool.get("type")
         if kind not in (None, "custom"):
-            # Server tools (web_search_...) and Anthropic-defined client tools (bash_..., computer_...)
-            # have no schema we could send; saying so beats a model that silently lacks the tool.
-            raise BadRequest(
-                f"tools[{i}].type: tool type {kind!r} is not supported by this model",
-                param=f"tools[{i}].type",
-            )
+            # Server tools (web_search_..., code_execution_...) run at Anthropic and Anthropic-defined
+            # client tools (bash_..., computer_...) have no schema we could send: the upstream cannot
+            # offer them, so they are dropped and the rest of the request still works (Claude Code
+            # sends WebSearch this way on every turn).
+            continue
         name = tool.get("name")
         if not isinstance(name, str) or not name:
             raise BadRequest(f"tools[{i}].name: required", param=f"tools[{i}].name")
@@ -215,8 +217,85 @@ def _openai_tool_choice(choice: Any, names: ToolNameMap) -> tuple[Any, bool | No
     raise BadRequest(f"tool_choice.type: unknown value {kind!r}", param="tool_choice.type")
 
 
+def _reminder(msg: dict[str, Any], field: str) -> str:
+    content = msg.get("content")
+    if isinstance(content, str):
+        text = content
+    else:
+        text = "\n\n".join(
+            str(b.get("text", "")) for b in need_list(content, f"{field}.content") if isinstance(b, dict)
+        )
+    return f"<system-reminder>\n{text}\n</system-reminder>"
+
+
+def _with_text(msg: dict[str, Any], text: str, *, first: bool) -> dict[str, Any]:
+    content = msg.get("content")
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+    block = {"type": "text", "text": text}
+    return {**msg, "content": [block, *blocks] if first else [*blocks, block]}
+
+
+def _fold_system_messages(messages: list[Any]) -> list[Any]:
+    """Claude Code puts ``role: "system"`` messages inside ``messages`` (mid-conversation-system
+    beta) for model names it does not know. OpenAI-format upstreams differ on where they accept a
+    system message (several want one, first), so each is folded into the adjacent user turn as
+    ``<system-reminder>`` text: what Claude Code itself does when a server refuses them."""
+    if not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+        return messages
+    out: list[Any] = []
+    pending: list[str] = []  # system text waiting for the next user turn
+    for i, msg in enumerate(messages):
+        if isinstance(msg, dict) and msg.get("role") == "system":
+            text = _reminder(msg, f"messages[{i}]")
+            if out and isinstance(out[-1], dict) and out[-1].get("role") == "user":
+                out[-1] = _with_text(out[-1], text, first=False)
+            else:
+                pending.append(text)
+            continue
+        if pending and isinstance(msg, dict) and msg.get("role") == "user":
+            msg = _with_text(msg, "\n\n".join(pending), first=True)
+            pending = []
+        out.append(msg)
+    if pending:
+        out.append({"role": "user", "content": "\n\n".join(pending)})
+    return out
+
+
+def _output_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    config = body.get("output_config")
+    fmt = config.get("format") if isinstance(config, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
+        return fmt
+    return None
+
+
+def _schema_instruction(body: dict[str, Any], capabilities: Capabilities) -> str:
+    # json_object mode gives valid JSON but no schema: the schema goes to the model as an instruction
+    # (DeepSeek also requires the word "json" in the prompt for that mode).
+    fmt = _output_format(body)
+    if fmt is None or capabilities.structured_output != "json_object":
+        return ""
+    return "Respond with a single JSON object that matches this JSON schema:\n" + json.dumps(
+        fmt["schema"], ensure_ascii=False
+    )
+
+
+def _response_format(body: dict[str, Any], capabilities: Capabilities) -> dict[str, Any] | None:
+    fmt = _output_format(body)
+    if fmt is None or capabilities.structured_output == "none":
+        return None
+    if capabilities.structured_output == "json_object":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
+
+
 def anthropic_to_openai_request(
-    body: dict[str, Any], *, upstream_model: str, max_tokens: int, names: ToolNameMap | None = None
+    body: dict[str, Any],
+    *,
+    upstream_model: str,
+    max_tokens: int,
+    names: ToolNameMap | None = None,
+    capabilities: Capabilities | None = None,
 ) -> dict[str, Any]:
     """Anthropic Messages request -> OpenAI chat request for an OpenAI-format upstream (DeepSeek).
 
@@ -224,11 +303,15 @@ def anthropic_to_openai_request(
     response/stream translators so the client sees its own names again.
     """
     names = names if names is not None else ToolNameMap()
+    capabilities = capabilities or Capabilities()
     messages: list[dict[str, Any]] = []
     system = _system_text(body.get("system"))
+    schema_note = _schema_instruction(body, capabilities)
+    if schema_note:
+        system = f"{system}\n\n{schema_note}" if system else schema_note
     if system:
         messages.append({"role": "system", "content": system})
-    for i, msg in enumerate(need_list(body.get("messages"), "messages")):
+    for i, msg in enumerate(_fold_system_messages(need_list(body.get("messages"), "messages"))):
         msg = need_dict(msg, f"messages[{i}]")
         role = msg.get("role")
         if role == "user":
@@ -262,9 +345,11 @@ def anthropic_to_openai_request(
             out["tool_choice"] = choice
             if parallel is not None:
                 out["parallel_tool_calls"] = parallel
-    metadata = body.get("metadata")
-    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
-        out["user"] = metadata["user_id"]
-    # Deliberately dropped: top_k, cache_control (everywhere), thinking, output_config, betas,
-    # context_management, container, mcp_servers, service_tier (docs/translation.md).
+    out.update(openai_reasoning(body, capabilities.reasoning))
+    response_format = _response_format(body, capabilities)
+    if response_format is not None:
+        out["response_format"] = response_format
+    # Deliberately dropped: metadata.user_id (Claude Code's device and session ids must not reach a
+    # third party), top_k, cache_control (everywhere), tool strict/defer_loading, context_management,
+    # container, mcp_servers, service_tier, betas (docs/translation.md).
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from typing import Any
 from urllib.parse import quote
 
@@ -152,13 +153,13 @@ def keys_body(view: dict[str, Any], csrf: str) -> str:
 
 def new_key_body(new: dict[str, Any], *, renewed: bool) -> str:
     key = esc(new["key"])
-    cc, oa = new["config"]["claude_code"], new["config"]["openai"]
-    claude = (
-        f'export ANTHROPIC_BASE_URL="{esc(cc["ANTHROPIC_BASE_URL"])}"\nexport ANTHROPIC_AUTH_TOKEN="{key}"'
-    )
-    openai_env = f'export OPENAI_BASE_URL="{esc(oa["base_url"])}"\nexport OPENAI_API_KEY="{key}"'
-    python = f'from openai import OpenAI\nclient = OpenAI(base_url="{esc(oa["base_url"])}", api_key="{key}")'
     lead = "Your old key has stopped working. " if renewed else ""
+    setups = "".join(
+        f'<section class="card"><h2>{esc(s["tool"])}</h2><p>Put this in {esc(s["where"])}:</p>'
+        f'<pre id="cfg-{esc(s["slug"])}">{html.escape(s["text"], quote=False)}</pre>'
+        f'<button type="button" data-copy="cfg-{esc(s["slug"])}">Copy</button></section>'
+        for s in new["setups"]
+    )
     return (
         f"<h1>{'Your renewed API key' if renewed else 'Your new API key'}</h1>"
         f'<section class="card" aria-labelledby="key-h"><h2 id="key-h">Copy it now</h2>'
@@ -166,12 +167,7 @@ def new_key_body(new: dict[str, Any], *, renewed: bool) -> str:
         f'<p class="keyline"><code id="new-key">{key}</code> '
         '<button type="button" data-copy="new-key" id="copy-key">Copy key</button></p>'
         '<p class="copied" role="status" aria-live="polite"></p></section>'
-        '<section class="card"><h2>Claude Code</h2><p>Put these in your shell profile, then run <code>claude</code>:</p>'
-        f'<pre id="cfg-claude">{claude}</pre><button type="button" data-copy="cfg-claude">Copy</button></section>'
-        '<section class="card"><h2>OpenAI-compatible tools</h2>'
-        "<p>Base URL and API key, as environment variables or in code:</p>"
-        f'<pre id="cfg-openai">{openai_env}</pre><button type="button" data-copy="cfg-openai">Copy</button>'
-        f'<pre id="cfg-python">{python}</pre><button type="button" data-copy="cfg-python">Copy</button></section>'
+        f"{setups}"
         '<p><a href="/keys">Done: back to API keys</a></p>'
     )
 

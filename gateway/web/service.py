@@ -13,6 +13,7 @@ from ledger.money import iso_ms, parse_amount
 
 from .. import errors as E
 from ..appkeys import LEDGER, REGISTRY, SETTINGS, STORE
+from ..client_setup import CODEX_ENV_KEY, tool_setups
 
 __all__ = [
     "EXPIRY_WARNING_S",
@@ -94,12 +95,22 @@ async def keys_view(request: web.Request, account_id: str) -> dict[str, Any]:
 
 
 def tool_config(request: web.Request, key: str) -> dict[str, dict[str, str]]:
-    """Ready-to-paste settings for Claude Code (Anthropic format) and OpenAI-compatible tools."""
+    """Ready-to-paste settings for Claude Code (Anthropic format), Codex and OpenAI-compatible tools."""
     base = request.app[SETTINGS].public_base_url
     return {
         "claude_code": {"ANTHROPIC_BASE_URL": base, "ANTHROPIC_AUTH_TOKEN": key},
         "openai": {"base_url": base + "/v1", "api_key": key},
+        "codex": {"base_url": base + "/v1", "env_key": CODEX_ENV_KEY, "wire_api": "responses"},
     }
+
+
+def tool_setup_texts(request: web.Request, key: str) -> list[dict[str, str]]:
+    base = request.app[SETTINGS].public_base_url
+    model = request.app[REGISTRY].suggested_model()
+    return [
+        {"tool": s.tool, "slug": s.slug, "where": s.where, "text": s.text}
+        for s in tool_setups(base, key, model=model)
+    ]
 
 
 def _new_key_json(request: web.Request, new: NewKey, created_ms: int, replaces: str | None) -> dict[str, Any]:
@@ -109,6 +120,7 @@ def _new_key_json(request: web.Request, new: NewKey, created_ms: int, replaces: 
         "prefix": new.prefix,
         "created_at": iso_ms(created_ms),
         "config": tool_config(request, new.key),
+        "setups": tool_setup_texts(request, new.key),
         "shown_once": True,
     }
     if replaces is not None:

@@ -383,6 +383,44 @@ _ANTHROPIC_ERROR_TYPES = {
 }
 
 
+def _thinking_mode(body: dict[str, Any]) -> bool:
+    thinking = body.get("thinking")
+    model = str(body.get("model", ""))
+    return "reasoner" in model or (isinstance(thinking, dict) and thinking.get("type") == "enabled")
+
+
+def _openai_problem(body: dict[str, Any]) -> str:
+    """The real rules an OpenAI-format upstream enforces that a translating gateway can break."""
+    for i, m in enumerate(body["messages"]):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            return f"messages[{i}]: unknown role"
+        # DeepSeek's thinking mode: a tool-calling assistant turn must carry its reasoning back.
+        if _thinking_mode(body) and m.get("role") == "assistant" and m.get("tool_calls"):
+            if not isinstance(m.get("reasoning_content"), str):
+                return "The reasoning_content in the thinking mode must be passed back to the API."
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            return f"{name}: must be a positive integer"
+    return ""
+
+
+def _anthropic_problem(request: web.Request, body: dict[str, Any]) -> str:
+    betas = request.headers.get("anthropic-beta", "")
+    for i, m in enumerate(body["messages"]):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("user", "assistant") and not (role == "system" and "mid-conversation-system" in betas):
+            return f"messages.{i}.role: Input should be 'user' or 'assistant'"
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or budget < 1024:
+            return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+        if budget >= body["max_tokens"] and "interleaved-thinking" not in betas:
+            return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    return ""
+
+
 def _error_obj(api: Api, status: int, error_type: str | None, message: str) -> dict[str, Any]:
     if api == "anthropic":
         kind = error_type or _ANTHROPIC_ERROR_TYPES.get(
@@ -552,6 +590,9 @@ class FakeUpstream:
             return self._error(api, 400, None, "messages: field required", ())
         if api == "anthropic" and not isinstance(body.get("max_tokens"), int):
             return self._error(api, 400, None, "max_tokens: field required", ())
+        problem = _anthropic_problem(request, body) if api == "anthropic" else _openai_problem(body)
+        if problem:
+            return self._error(api, 400, None, problem, ())
         return None
 
     @staticmethod

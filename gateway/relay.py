@@ -1,0 +1,199 @@
+"""Streaming an upstream's answer to the client.
+
+Passthrough (the upstream speaks the client's format): bytes go out as they arrive and are parsed on
+the side for usage; nothing is re-encoded. Translated: each upstream event is parsed once and fed to
+the route's translator, which emits the client's events. Either way the exchange learns its usage
+and how the stream ended; the proxy settles afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .sse import DONE, SSEParser, format_json_event
+
+if TYPE_CHECKING:
+    from .formats import StreamTranslator
+    from .proxy import Exchange
+
+__all__ = ["SSE_HEADERS", "echo_model", "relay_stream"]
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+@functools.lru_cache(maxsize=1024)
+def _model_patterns(up_name: str, client_name: str) -> tuple[bytes, bytes, bytes, bytes]:
+    # Built once per model pair, not per chunk: encoding them on every chunk cost ~45 us a request.
+    up_b = orjson.dumps(up_name)
+    cl_b = orjson.dumps(client_name)
+    return b'"model":' + up_b, b'"model":' + cl_b, b'"model": ' + up_b, b'"model": ' + cl_b
+
+
+def echo_model(data: bytes, up_name: str, client_name: str) -> bytes:
+    """Put the client's model name back where the upstream wrote its own, without re-encoding."""
+    if up_name == client_name:
+        return data
+    tight, tight_to, spaced, spaced_to = _model_patterns(up_name, client_name)
+    return data.replace(tight, tight_to).replace(spaced, spaced_to)
+
+
+def _in_stream_error(upstream_fmt: str, event: str, obj: dict[str, Any]) -> tuple[str, str] | None:
+    """An error the upstream reported inside its stream, as (error type, message)."""
+    if upstream_fmt == "openai":
+        if "error" not in obj:
+            return None
+        err = obj.get("error")
+        err = err if isinstance(err, dict) else {}
+        return "api_error", str(err.get("message", "upstream error"))[:300]
+    if event != "error":
+        return None
+    err = obj.get("error")
+    err = err if isinstance(err, dict) else {}
+    return str(err.get("type", "api_error")), str(err.get("message", "upstream error"))[:300]
+
+
+async def relay_stream(
+    request: web.Request, ex: Exchange, up: aiohttp.ClientResponse, translator: StreamTranslator | None
+) -> web.StreamResponse:
+    resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": ex.request_id})
+    await resp.prepare(request)
+    if translator is None:
+        await _passthrough(ex, up, resp)
+    else:
+        await _translated(ex, up, resp, translator)
+    return resp
+
+
+def _observe(ex: Exchange, event: str, obj: dict[str, Any]) -> None:
+    if ex.upstream_fmt == "openai":
+        ex.tracker.observe_chunk(obj)
+    else:
+        ex.tracker.observe_event(event, obj)
+
+
+async def _passthrough(ex: Exchange, up: aiohttp.ClientResponse, resp: web.StreamResponse) -> None:
+    parser = SSEParser()
+    openai = ex.upstream_fmt == "openai"
+    up_name, client_name = ex.model.upstream_model, ex.client_model
+    # An OpenAI client that did not ask for usage must not get the extra usage-only chunk we asked
+    # for: then events are re-framed one by one (still without re-encoding their JSON).
+    filtering = openai and not ex.include_usage
+    saw_end = False
+    try:
+        async for chunk in up.content.iter_any():
+            events = parser.feed(chunk)
+            if not filtering:
+                await resp.write(echo_model(chunk, up_name, client_name))
+                ex.produced = True
+            for ev in events:
+                if ev.data == DONE:
+                    saw_end = True
+                    if filtering:
+                        await resp.write(b"data: [DONE]\n\n")
+                    continue
+                try:
+                    obj = orjson.loads(ev.data)
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                event = ev.event or str(obj.get("type", ""))
+                _observe(ex, event, obj)
+                if _in_stream_error(ex.upstream_fmt, event, obj) is not None:
+                    ex.status = "upstream_error"
+                elif not openai and ev.event == "message_stop":
+                    saw_end = True
+                if filtering:
+                    if not obj.get("choices") and "usage" in obj and "error" not in obj:
+                        continue  # the usage chunk the client did not ask for
+                    await resp.write(echo_model(b"data: " + ev.data + b"\n\n", up_name, client_name))
+                    ex.produced = True
+    except TimeoutError:
+        ex.status = "upstream_timeout"
+        await _stream_error(ex, resp, "timeout_error", "The upstream model service stopped sending; the answer is incomplete.")
+        return
+    except aiohttp.ClientError:
+        ex.status = "upstream_error"
+        await _stream_error(ex, resp, "api_error", "The upstream connection broke; the answer is incomplete.")
+        return
+    if not saw_end and ex.status == "ok":
+        ex.status = "upstream_error"
+        await _stream_error(ex, resp, "api_error", "The upstream ended the stream early; the answer is incomplete.")
+        return
+    await resp.write_eof()
+
+
+async def _translated(
+    ex: Exchange, up: aiohttp.ClientResponse, resp: web.StreamResponse, translator: StreamTranslator
+) -> None:
+    parser = SSEParser()
+    head = translator.start()
+    if head:
+        await resp.write(head)
+    ex.produced = True
+    try:
+        async for chunk in up.content.iter_any():
+            out = b""
+            for ev in parser.feed(chunk):
+                if ev.data == DONE:
+                    continue
+                try:
+                    obj = orjson.loads(ev.data)
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                event = ev.event or str(obj.get("type", ""))
+                _observe(ex, event, obj)
+                err = _in_stream_error(ex.upstream_fmt, event, obj)
+                if err is not None:
+                    ex.status = "upstream_error"
+                    out += translator.error(*err)
+                    continue
+                out += translator.feed(event, obj)
+            if out:
+                await resp.write(out)
+            elif chunk.startswith(b":"):
+                # The upstream's keep-alive while it thinks: pass one on (a comment is valid SSE in
+                # every format) so the client's idle timer does not give up on a live answer.
+                await resp.write(b": keep-alive\n\n")
+            if translator.done:
+                break
+    except TimeoutError:
+        ex.status = "upstream_timeout"
+        await resp.write(translator.error("timeout_error", "The upstream model service stopped sending; the answer is incomplete."))
+        await resp.write(translator.finish())
+        return
+    except aiohttp.ClientError:
+        ex.status = "upstream_error"
+        await resp.write(translator.error("api_error", "The upstream connection broke; the answer is incomplete."))
+        await resp.write(translator.finish())
+        return
+    tail = translator.finish()
+    if tail:
+        await resp.write(tail)
+    tracker = ex.tracker
+    if ex.status == "ok" and tracker.finish_reason is None and tracker.stop_reason is None:
+        ex.status = "upstream_error"
+    await resp.write_eof()
+
+
+async def _stream_error(ex: Exchange, resp: web.StreamResponse, err_type: str, message: str) -> None:
+    if ex.client_fmt == "anthropic":
+        frame = format_json_event({"type": "error", "error": {"type": err_type, "message": message}}, "error")
+    else:
+        frame = format_json_event({"error": {"message": message, "type": err_type, "code": ex.status}})
+    try:
+        await resp.write(frame)
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass
