@@ -409,7 +409,8 @@ def _anthropic_problem(request: web.Request, body: dict[str, Any]) -> str:
     betas = request.headers.get("anthropic-beta", "")
     for i, m in enumerate(body["messages"]):
         role = m.get("role") if isinstance(m, dict) else None
-        if role not in ("user", "assistant") and not (role == "system" and "mid-conversation-system" in betas):
+        # Claude Code 2.1 sends system messages under its mid-conversation-* betas.
+        if role not in ("user", "assistant") and not (role == "system" and "mid-conversation-" in betas):
             return f"messages.{i}.role: Input should be 'user' or 'assistant'"
     thinking = body.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "enabled":
