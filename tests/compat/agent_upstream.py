@@ -131,18 +131,6 @@ class AgentUpstream(FakeUpstream):
         self.replies.append("text")
         return Script(text=self.answer)
 
-    def _refusal(self, request: web.Request, api: Api, body: Any) -> web.Response | None:
-        # Claude Code 2.1.332 sends role "system" messages mid-conversation with no
-        # mid-conversation-system beta header (its binary lists that feature without a header
-        # any more), and works against Anthropic's API that way: accept them here, keep every
-        # other rule of the fake provider.
-        if api == "anthropic" and isinstance(body, dict) and isinstance(body.get("messages"), list):
-            messages = [
-                m for m in body["messages"] if not (isinstance(m, dict) and m.get("role") == "system")
-            ]
-            body = {**body, "messages": messages}
-        return super()._refusal(request, api, body)
-
     async def _answer(self, request: web.Request, api: Api, script: Script, body: Any) -> web.StreamResponse:
         refusal = self._refusal(request, api, body)
         if refusal is not None:
