@@ -38,8 +38,10 @@ async def compat(
 
 def remember_sent(request: pytest.FixtureRequest, c: Compat) -> None:
     marker = request.node.get_closest_marker("compat")
+    callspec = getattr(request.node, "callspec", None)
+    fmt = callspec.params.get("fmt", "openai") if callspec is not None else "openai"
     if marker is not None:
-        request.config.stash[RESULTS].sent.setdefault(marker.args[0], []).extend(c.recorder.requests)
+        request.config.stash[RESULTS].sent.setdefault((marker.args[0], fmt), []).extend(c.recorder.requests)
 
 
 @pytest.hookimpl(wrapper=True)

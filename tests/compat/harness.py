@@ -125,11 +125,13 @@ class ClientRun:
         return " ".join(self.output.split())
 
     def describe(self) -> str:
-        """For assertion messages: how it ended and the tail of its output."""
-        tail = self.output[-3000:]
+        """For assertion messages: how it ended (first line, for the matrix) and its output's tail."""
+        lines = [line.strip() for line in self.output.splitlines() if line.strip()]
+        last = lines[-1][:300] if lines else "(no output)"
+        ended = "timed out" if self.timed_out else f"exit {self.returncode}"
         return (
-            f"argv={self.argv[:3]}... rc={self.returncode} timed_out={self.timed_out} "
-            f"seconds={self.seconds:.1f}\n--- output tail ---\n{tail}"
+            f"{Path(self.argv[0]).name} {ended} after {self.seconds:.1f}s, last line: {last}\n"
+            f"argv={self.argv}\n--- output tail ---\n{self.output[-3000:]}"
         )
 
 

@@ -114,7 +114,9 @@ def installed_versions() -> dict[str, str]:
 class Results:
     outcomes: dict[tuple[str, str, str], str] = field(default_factory=dict)
     details: dict[tuple[str, str, str], str] = field(default_factory=dict)
-    sent: dict[str, list[ClientRequest]] = field(default_factory=dict)  # client -> what it sent
+    sent: dict[tuple[str, str], list[ClientRequest]] = field(
+        default_factory=dict
+    )  # (client, fmt) -> requests
 
     def record(self, client: str, capability: str, fmt: str, outcome: str, detail: str = "") -> None:
         key = (client, capability, fmt)
@@ -214,14 +216,16 @@ def render(results: Results) -> str:
         "",
         "Recorded by the suite from the clients' requests (field and header names and beta ids only).",
         "",
-        "| client | requests | headers (besides the usual) | anthropic-beta | body keys |",
-        "| --- | --- | --- | --- | --- |",
+        "| client | upstream format | requests | headers (besides the usual) | anthropic-beta | body keys |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for client in CLIENT_LIST:
-        sent = results.sent.get(client.name, [])
+    for client, fmt in ((c, f) for c in CLIENT_LIST for f in FORMATS):
+        sent = results.sent.get((client.name, fmt), [])
+        if not sent:
+            continue
         headers, betas = _headers_summary(sent)
         lines.append(
-            f"| {client.name} | {', '.join(f'`{r}`' for r in _routes(sent)) or '-'} | "
+            f"| {client.name} | {fmt} | {', '.join(f'`{r}`' for r in _routes(sent)) or '-'} | "
             f"{', '.join(f'`{h}`' for h in headers) or '-'} | {', '.join(f'`{b}`' for b in betas) or '-'} | "
             f"{', '.join(f'`{k}`' for k in _body_keys(sent)) or '-'} |"
         )

@@ -116,7 +116,9 @@ async def test_stream(compat: Compat, fmt: str) -> None:
 async def test_tool_round_trip(compat: Compat, fmt: str) -> None:
     run = await run_claude(compat, compat.read_prompt, model=MODEL_OF_FORMAT[fmt])
     result = result_of(run)
-    assert f"{FINAL_PREFIX} {compat.token}" in result["result"], (compat.upstream.replies, run.describe())
+    assert f"{FINAL_PREFIX} {compat.token}" in result["result"], (
+        f"replies={compat.upstream.replies}; {run.describe()}"
+    )
     assert compat.upstream.replies[:2] == ["tool_call:Read", f"final:{compat.token}"]
 
 

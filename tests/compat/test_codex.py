@@ -123,7 +123,9 @@ async def test_stream(compat: Compat, fmt: str) -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 async def test_tool_round_trip(compat: Compat, fmt: str) -> None:
     run = await run_codex(compat, fmt, compat.read_prompt)
-    assert f"{FINAL_PREFIX} {compat.token}" in run.stdout, (compat.upstream.replies, run.describe())
+    assert f"{FINAL_PREFIX} {compat.token}" in run.stdout, (
+        f"replies={compat.upstream.replies}; {run.describe()}"
+    )
     assert any(r.startswith("tool_call:") for r in compat.upstream.replies)
     assert f"final:{compat.token}" in compat.upstream.replies
 

@@ -115,7 +115,9 @@ async def test_stream(compat: Compat, fmt: str) -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 async def test_tool_round_trip(compat: Compat, fmt: str) -> None:
     run = await run_opencode(compat, fmt, compat.read_prompt)
-    assert f"{FINAL_PREFIX} {compat.token}" in run.stdout, (compat.upstream.replies, run.describe())
+    assert f"{FINAL_PREFIX} {compat.token}" in run.stdout, (
+        f"replies={compat.upstream.replies}; {run.describe()}"
+    )
     assert "tool_call:read" in compat.upstream.replies
     assert f"final:{compat.token}" in compat.upstream.replies
 
