@@ -41,7 +41,9 @@ def remember_sent(request: pytest.FixtureRequest, c: Compat) -> None:
     callspec = getattr(request.node, "callspec", None)
     fmt = callspec.params.get("fmt", "openai") if callspec is not None else "openai"
     if marker is not None:
-        request.config.stash[RESULTS].sent.setdefault((marker.args[0], fmt), []).extend(c.recorder.requests)
+        results = request.config.stash[RESULTS]
+        results.sent.setdefault((marker.args[0], fmt), []).extend(c.recorder.requests)
+        results.outbound.setdefault(marker.args[0], set()).update(c.trap.attempts)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -4,8 +4,9 @@
         run = await run_client([...], env=c.env(...), cwd=c.project, timeout=60)
         assert c.token in run.output
 
-Clients are kept off the network: every proxy variable points at a closed local port (9, discard)
-with loopback exempt, and each run gets its own HOME (and XDG dirs) under the test's tmp_path.
+Clients are kept off the network: every proxy variable points at a local listener that refuses
+every request (``ProxyTrap``, as good as a closed port, but it notes which hosts a client tried),
+loopback exempt; each run gets its own HOME (and XDG dirs) under the test's tmp_path.
 """
 
 from __future__ import annotations
@@ -38,13 +39,7 @@ AIDER_VENV = CLIENTS / "aider-venv"
 MODEL_OF_FORMAT = {"openai": "gpt-test", "anthropic": "claude-test"}
 FORMATS = tuple(MODEL_OF_FORMAT)
 
-CLOSED_PORT_PROXY = "http://127.0.0.1:9"
-OFFLINE_ENV = {
-    **{name: CLOSED_PORT_PROXY for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")},
-    **{name.lower(): CLOSED_PORT_PROXY for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")},
-    "NO_PROXY": "127.0.0.1,localhost",
-    "no_proxy": "127.0.0.1,localhost",
-}
+PROXY_NAMES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
 # Enough credit for nothing: every client request gets the gateway's 402.
 THIN_CREDIT_MICRO = 1_000
 
@@ -100,6 +95,57 @@ class Recorder:
 
     def api_requests(self) -> list[ClientRequest]:
         return [r for r in self.requests if r.path.startswith("/v1/")]
+
+
+# ---- the network, refused ----------------------------------------------------------------------
+
+
+class ProxyTrap:
+    """What every proxy variable points at: a local listener that refuses each request it gets.
+
+    It answers nothing (reads the first line, closes), so a client trying the internet fails as
+    against a closed port, and the test learns which hosts it tried (``CONNECT host:443``).
+    """
+
+    def __init__(self) -> None:
+        self.attempts: list[str] = []
+        self._server: asyncio.AbstractServer | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> ProxyTrap:
+        self._server = await asyncio.start_server(self._refuse, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 2)
+        except (TimeoutError, ConnectionError):
+            line = b""
+        words = line.decode(errors="replace").split()
+        # "CONNECT host:443 HTTP/1.1" or "GET http://host/path HTTP/1.1"; anything else (SOCKS) as is.
+        self.attempts.append(
+            words[1].split("/")[2]
+            if len(words) > 1 and "://" in words[1]
+            else (words[1] if len(words) > 1 else "non-HTTP connection")
+        )
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    def env(self) -> dict[str, str]:
+        names = PROXY_NAMES + tuple(n.lower() for n in PROXY_NAMES)
+        return {
+            **{name: self.url for name in names},
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        }
 
 
 # ---- running a client ------------------------------------------------------------------------------
@@ -206,6 +252,7 @@ class Compat:
     gw: Gateway
     upstream: AgentUpstream
     recorder: Recorder
+    trap: ProxyTrap
     tmp: Path
     key: str  # a funded key
     marker: str  # unique text of the upstream's plain answer
@@ -255,7 +302,7 @@ class Compat:
             "TERM": "dumb",
             "NO_COLOR": "1",
             "COLUMNS": "200",
-            **OFFLINE_ENV,
+            **self.trap.env(),
             **extra,
         }
 
@@ -266,6 +313,7 @@ async def compat_setup(
 ) -> AsyncIterator[Compat]:
     recorder = Recorder()
     async with (
+        ProxyTrap() as trap,
         AgentUpstream() as upstream,
         running_gateway(
             redis, keyspace, tmp_path, upstream, extra_models=extra_models, configure_app=recorder.install
@@ -276,6 +324,7 @@ async def compat_setup(
             gw=gw,
             upstream=upstream,
             recorder=recorder,
+            trap=trap,
             tmp=tmp_path,
             key=key,
             marker=f"COMPAT-MARK-{secrets.token_hex(6)}",

@@ -114,6 +114,7 @@ def installed_versions() -> dict[str, str]:
 class Results:
     outcomes: dict[tuple[str, str, str], str] = field(default_factory=dict)
     details: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    outbound: dict[str, set[str]] = field(default_factory=dict)  # client -> hosts it tried, refused
     sent: dict[tuple[str, str], list[ClientRequest]] = field(
         default_factory=dict
     )  # (client, fmt) -> requests
@@ -229,6 +230,18 @@ def render(results: Results) -> str:
             f"{', '.join(f'`{h}`' for h in headers) or '-'} | {', '.join(f'`{b}`' for b in betas) or '-'} | "
             f"{', '.join(f'`{k}`' for k in _body_keys(sent)) or '-'} |"
         )
+    lines += [
+        "",
+        "## Outbound connections the clients tried",
+        "",
+        "Every proxy variable points at a local listener that refuses each request and notes its host.",
+        "opencode installs `@opencode-ai/plugin` into its config directory in the background at every",
+        "start (no setting turns it off); refused, it logs a warning and carries on.",
+        "",
+    ]
+    for client in CLIENT_LIST:
+        hosts = sorted(results.outbound.get(client.name, set()))
+        lines.append(f"- {client.name}: {', '.join(f'`{h}`' for h in hosts) if hosts else 'none'}")
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,9 @@ Configured as the README tells users: a ``model_providers`` entry in ``$CODEX_HO
 with ``base_url = <gateway>/v1``, ``env_key`` and ``wire_api = "responses"`` (Codex has no Chat
 Completions mode for custom providers any more). ``--strict-config`` makes Codex refuse any key it
 does not know, so every offline setting below is one it reads: ``check_for_update_on_startup``,
-``analytics``, ``feedback``, ``otel``, ``history``. Retries are off so a failure shows at once.
+``analytics``, ``feedback``, ``otel``, ``history``, and the ``plugins``/``remote_plugin`` features
+(with them on, Codex 0.171.0 connects to github.com at start to sync its plugin marketplace).
+Retries are off so a failure shows at once.
 Commands run unsandboxed (``danger-full-access``, approval ``never``): the container has no
 Landlock/seccomp sandbox to give, and the only command is the fake's ``cat``.
 """
@@ -57,6 +59,10 @@ exporter = "none"
 
 [history]
 persistence = "none"
+
+[features]
+plugins = false
+remote_plugin = false
 """
 
 

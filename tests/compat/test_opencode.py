@@ -6,6 +6,9 @@ for the Anthropic format (both SDKs are bundled in opencode's binary, nothing is
 time). Offline: ``OPENCODE_DISABLE_MODELS_FETCH`` (no models.dev catalogue download, read from the
 binary's flag table), ``OPENCODE_DISABLE_AUTOUPDATE``, ``OPENCODE_DISABLE_DEFAULT_PLUGINS`` (no npm
 plugin install), ``OPENCODE_DISABLE_LSP_DOWNLOAD``, ``autoupdate: false``, ``share: "disabled"``.
+One attempt remains: at every start opencode 1.18.33 installs ``@opencode-ai/plugin`` into its
+config directory in the background (its Npm.install, no setting turns it off); the proxy trap
+refuses it, opencode logs a warning and carries on.
 """
 
 from __future__ import annotations
