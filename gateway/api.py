@@ -114,11 +114,31 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return await proxy.messages(request)
 
 
+async def responses(request: web.Request) -> web.StreamResponse:
+    proxy: Proxy = request.app[PROXY]
+    return await proxy.responses(request)
+
+
+async def responses_compact(request: web.Request) -> web.StreamResponse:
+    proxy: Proxy = request.app[PROXY]
+    return await proxy.responses_compact(request)
+
+
+async def responses_websocket(request: web.Request) -> web.Response:
+    # Codex may try a WebSocket on /v1/responses first; 426 is what it falls back to HTTP from.
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        raise E.UpgradeRequired("This gateway serves the Responses API over HTTP only; POST /v1/responses.")
+    raise E.MethodNotAllowed("Use POST /v1/responses.")
+
+
 def api_routes() -> list[web.RouteDef]:
     return [
         web.post("/v1/chat/completions", chat_completions),
         web.post("/v1/messages", messages),
         web.post("/v1/messages/count_tokens", count_tokens),
+        web.post("/v1/responses", responses),
+        web.get("/v1/responses", responses_websocket, allow_head=False),
+        web.post("/v1/responses/compact", responses_compact),
         web.get("/v1/models", list_models, allow_head=False),
         web.get("/v1/balance", balance, allow_head=False),
         web.get("/healthz", healthz),

@@ -32,7 +32,7 @@ from ledger.money import iso_ms
 from . import errors as E
 from .appkeys import REQUEST_ID
 from .auth import REVOKED, KeyCache, authenticate_cached
-from .formats import FORMATS, ClientFormat, Outgoing, Route, StreamContext
+from .formats import FORMATS, ClientFormat, Outgoing, ReplyContext, Route
 from .jsonbody import read_json_object
 from .metrics import Metrics
 from .models import Model, Prices, Registry
@@ -69,6 +69,8 @@ class Exchange:
     produced: bool = False
     tracker: UsageTracker = field(init=False)
     names: ToolNameMap = field(default_factory=ToolNameMap)
+    body: dict[str, Any] = field(default_factory=dict)  # the client's request, for reply translators
+    route_state: Any = None  # what the route's request builder left for its reply translators
 
     def __post_init__(self) -> None:
         self.tracker = UsageTracker(self.model.provider.format)
@@ -77,9 +79,6 @@ class Exchange:
     def upstream_fmt(self) -> str:
         return self.model.provider.format
 
-    @property
-    def client_fmt(self) -> str:
-        return self.client.name
 
 
 def _amount(micro: int) -> str:
@@ -132,6 +131,12 @@ class Proxy:
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, FORMATS["anthropic"])
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, FORMATS["responses"])
+
+    async def responses_compact(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, FORMATS["responses_compact"])
 
     def _model(self, name: str) -> Model:
         model = self.registry.get(name)
@@ -258,10 +263,12 @@ class Proxy:
         self, request: web.Request, ex: Exchange, body: dict[str, Any]
     ) -> tuple[str, dict[str, str], bytes]:
         provider = ex.model.provider
-        betas = request.headers.get("anthropic-beta", "") if ex.client_fmt == "anthropic" else ""
-        out = ex.route.request(
-            body, Outgoing(model=ex.model, max_tokens=ex.max_tokens, names=ex.names, user_tag=self._user_tag(ex.key_id), betas=betas)
+        betas = request.headers.get("anthropic-beta", "") if ex.client.anthropic_headers else ""
+        outgoing = Outgoing(
+            model=ex.model, max_tokens=ex.max_tokens, names=ex.names, user_tag=self._user_tag(ex.key_id), betas=betas
         )
+        out = ex.route.request(body, outgoing)
+        ex.body, ex.route_state = body, outgoing.state
         if ex.upstream_fmt == "openai" and ex.stream:
             out["stream"] = True
             out["stream_options"] = {**(out.get("stream_options") or {}), "include_usage": True}
@@ -342,6 +349,18 @@ class Proxy:
             err_body = ex.route.error(status, err_body)
         return web.Response(status=status, body=orjson.dumps(err_body), content_type="application/json", headers=headers)
 
+    @staticmethod
+    def _reply_context(ex: Exchange) -> ReplyContext:
+        return ReplyContext(
+            client_model=ex.client_model,
+            request_id=ex.request_id,
+            input_estimate=ex.input_estimate,
+            include_usage=ex.include_usage,
+            names=ex.names,
+            body=ex.body,
+            state=ex.route_state,
+        )
+
     async def _relay_body(self, ex: Exchange, up: aiohttp.ClientResponse) -> web.Response:
         try:
             raw = await up.read()
@@ -355,23 +374,13 @@ class Proxy:
         ex.tracker.observe_response(obj)
         ex.produced = True
         if ex.route.response is not None:
-            raw = orjson.dumps(ex.route.response(obj, ex.client_model, ex.names))
+            raw = orjson.dumps(ex.route.response(obj, self._reply_context(ex)))
         else:
             raw = echo_model(raw, ex.model.upstream_model, ex.client_model)
         return web.Response(body=raw, content_type="application/json", headers={"x-request-id": ex.request_id})
 
     async def _relay_stream(self, request: web.Request, ex: Exchange, up: aiohttp.ClientResponse) -> web.StreamResponse:
-        translator = None
-        if ex.route.stream is not None:
-            translator = ex.route.stream(
-                StreamContext(
-                    client_model=ex.client_model,
-                    request_id=ex.request_id,
-                    input_estimate=ex.input_estimate,
-                    include_usage=ex.include_usage,
-                    names=ex.names,
-                )
-            )
+        translator = ex.route.stream(self._reply_context(ex)) if ex.route.stream is not None else None
         self.metrics.active_streams += 1
         try:
             return await relay_stream(request, ex, up, translator)
