@@ -11,9 +11,9 @@ from aiohttp import web
 from ledger.money import iso_ms
 
 from . import errors as E
-from . import tokens
 from .appkeys import LEDGER, METRICS, PROXY, REDIS, REGISTRY
 from .auth import authenticate
+from .estimate import estimate_prompt
 from .jsonbody import read_json_object
 from .proxy import Proxy
 
@@ -80,8 +80,9 @@ async def count_tokens(request: web.Request) -> web.Response:
         raise E.NotFound(f"Model {model!r} is not available here; GET /v1/models lists the models.", param="model")
     if not isinstance(body.get("messages"), list):
         raise E.BadRequest("'messages' is required and must be an array.", param="messages")
-    # Counted locally for every model: free, fast, and the same count the reservation uses.
-    return _json({"input_tokens": await tokens.count_anthropic_request_async(body)})
+    # Counted locally for every model: free, and the exact count a hold falls back to. An agent asks
+    # again as its conversation grows; the count cache makes that count only the new turns.
+    return _json({"input_tokens": await estimate_prompt(body, "anthropic").exact()})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -561,7 +561,7 @@ def test_mid_conversation_developer_messages_fold_into_the_user_turn():
         ({"effort": "xhigh"}, "openai", {"reasoning_effort": "high"}),
         ({"effort": "minimal"}, "openai", {"reasoning_effort": "low"}),
         ({"effort": "none"}, "openai", {}),
-        ({"effort": "low"}, "deepseek", {"thinking": {"type": "enabled"}}),
+        ({"effort": "low"}, "deepseek", {"thinking": {"type": "enabled"}, "reasoning_effort": "low"}),
         ({"effort": "none"}, "deepseek", {"thinking": {"type": "disabled"}}),
         ({"summary": "auto"}, "deepseek", {}),  # what Codex sends by default: the model's own default
         ({"effort": "high"}, "none", {}),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .. import errors as E
+from ..estimate import PromptEstimate
 from ..models import Capabilities, Model
 from ..translate import ToolNameMap
 
@@ -90,7 +91,7 @@ class ClientFormat:
     name: str
     error_format: str  # "openai" or "anthropic": how errors and in-stream failures are written
     intake: Callable[[dict[str, Any]], Intake]
-    count_input: Callable[[dict[str, Any]], Awaitable[int]]
+    estimate_input: Callable[[dict[str, Any]], PromptEstimate]  # cheap: a bound, exact on demand
     routes: dict[str, Route]
     # The client speaks Anthropic's protocol: its anthropic-beta header goes on to Anthropic upstreams.
     anthropic_headers: bool = False

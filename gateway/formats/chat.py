@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import errors as E
-from .. import tokens
+from ..estimate import estimate_prompt
 from ..translate import (
     AnthropicToOpenAIStream,
     anthropic_error_to_openai,
@@ -81,7 +81,7 @@ OPENAI = ClientFormat(
     name="openai",
     error_format="openai",
     intake=openai_intake,
-    count_input=tokens.count_openai_request_async,
+    estimate_input=lambda body: estimate_prompt(body, "openai"),
     routes={
         "openai": Route(request=_openai_passthrough),
         "anthropic": Route(

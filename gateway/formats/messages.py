@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import tokens
+from ..estimate import estimate_prompt
 from ..translate import (
     OpenAIToAnthropicStream,
     anthropic_to_openai_request,
@@ -90,7 +90,7 @@ ANTHROPIC = ClientFormat(
     error_format="anthropic",
     anthropic_headers=True,
     intake=anthropic_intake,
-    count_input=tokens.count_anthropic_request_async,
+    estimate_input=lambda body: estimate_prompt(body, "anthropic"),
     routes={
         "anthropic": Route(request=_anthropic_passthrough),
         "openai": Route(

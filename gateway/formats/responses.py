@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import tokens
+from ..estimate import PromptEstimate, estimate_prompt
 from ..translate import (
     AnthropicToResponsesStream,
     ChatToResponsesStream,
@@ -42,11 +42,11 @@ def responses_intake(body: dict[str, Any]) -> Intake:
     return Intake(model_name, stream, True, asked)
 
 
-async def _count(body: dict[str, Any]) -> int:
-    # Counted on the Chat form; a request the gateway cannot serve (stateful fields, malformed
+def _estimate(body: dict[str, Any]) -> PromptEstimate:
+    # Estimated on the Chat form; a request the gateway cannot serve (stateful fields, malformed
     # items) is refused here, a 400 before anything is held.
     chat, _ = responses_to_chat_request(body, upstream_model="", max_tokens=1)
-    return await tokens.count_openai_request_async(chat)
+    return estimate_prompt(chat, "openai")
 
 
 def _chat(body: dict[str, Any], out: Outgoing) -> dict[str, Any]:
@@ -114,7 +114,7 @@ RESPONSES = ClientFormat(
     name="responses",
     error_format="openai",
     intake=responses_intake,
-    count_input=_count,
+    estimate_input=_estimate,
     routes={
         "openai": Route(
             request=_chat,
@@ -177,7 +177,7 @@ RESPONSES_COMPACT = ClientFormat(
     name="responses_compact",
     error_format="openai",
     intake=_compact_intake,
-    count_input=_count,
+    estimate_input=_estimate,
     routes={
         "openai": Route(request=_compact_chat, response=lambda obj, ctx: _compacted(obj), stream=_FromChat),
         "anthropic": Route(

@@ -408,7 +408,10 @@ def _reasoning(reasoning: Any, capabilities: Capabilities) -> dict[str, Any]:
     if not isinstance(effort, str):
         return {}
     if capabilities.reasoning == "deepseek":
-        return {"thinking": {"type": "disabled" if effort == "none" else "enabled"}}
+        if effort == "none":
+            return {"thinking": {"type": "disabled"}}
+        # DeepSeek takes the Responses effort ladder as is (it maps minimal..max onto its own).
+        return {"thinking": {"type": "enabled"}, "reasoning_effort": effort}
     if capabilities.reasoning == "openai" and effort in _OPENAI_EFFORT:
         return {"reasoning_effort": _OPENAI_EFFORT[effort]}
     return {}
