@@ -35,19 +35,26 @@ CLIENT_LIST = (
         "Claude Code",
         "npm @anthropic-ai/claude-code",
         (*CAPABILITIES, "default model (no ANTHROPIC_MODEL)"),
-        notes="Always streams; `text` is `--output-format json`, `stream` is `stream-json "
-        "--include-partial-messages` (the deltas reach the client's output). The default-model run "
-        "sets no ANTHROPIC_MODEL; the gateway maps Claude Code's default name through "
-        '`aliases = ["claude-*", "opus", "sonnet", "haiku"]` on an OpenAI-format model (row written in '
-        "the openai column only).",
+        notes="`claude -p PROMPT --allowedTools Read --output-format json` with only "
+        "`ANTHROPIC_BASE_URL`, `ANTHROPIC_AUTH_TOKEN` and `ANTHROPIC_MODEL` (plus `DISABLE_TELEMETRY`, "
+        "`DISABLE_AUTOUPDATER`, `DISABLE_ERROR_REPORTING`, `CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC`). "
+        "Always streams; `stream` is `--output-format stream-json --verbose --include-partial-messages` "
+        "(the text deltas reach its output). Its file tool is `Read` (`file_path`). With no "
+        "`ANTHROPIC_MODEL` it asks for its own default (`claude-opus-5-5` in this version), which the "
+        'gateway maps through `aliases = ["claude-*", "opus", "sonnet", "haiku"]` on an OpenAI-format '
+        "model (openai column only). A 402 is not retried; it shows `API Error: 402 <message>`.",
     ),
     Client(
         "opencode",
         "npm opencode-ai",
         CAPABILITIES,
-        notes="Always streams (`stream_options.include_usage`); `text` is `opencode run`, `stream` is "
-        "`opencode run --format json` (its event stream). OpenAI format through "
-        "`@ai-sdk/openai-compatible`, Anthropic format through `@ai-sdk/anthropic` (both bundled).",
+        notes="`opencode run PROMPT` with an `opencode.json` provider: `@ai-sdk/openai-compatible` or "
+        "`@ai-sdk/anthropic` (both bundled), `options.baseURL = <gateway>/v1`, `options.apiKey`; "
+        "offline with `OPENCODE_DISABLE_MODELS_FETCH`, `OPENCODE_DISABLE_AUTOUPDATE`, "
+        "`OPENCODE_DISABLE_DEFAULT_PLUGINS`, `OPENCODE_DISABLE_LSP_DOWNLOAD`. Always streams "
+        "(`stream_options.include_usage` on the OpenAI format); `stream` is `opencode run --format json` "
+        "(its event stream). Its file tool is `read` (`filePath`). A 402 is not retried; it shows "
+        "`Error: <message>`.",
     ),
     Client(
         "aider",
@@ -57,16 +64,29 @@ CLIENT_LIST = (
             "tool round trip": "aider has no tool calling: it asks for edits in its own text formats "
             "(whole file, diff) and applies them itself; no tools are ever sent",
         },
-        notes="`text` is `--no-stream`, `stream` is `--stream` (through LiteLLM). aider retries any 402 "
-        "for about a minute whatever the body says (its retry loop treats LiteLLM's APIError as "
-        "transient, the limit is hard-coded); the test stops it once the gateway's message is shown.",
+        notes="`aider --message PROMPT --no-git --yes-always --no-check-update --no-analytics "
+        "--no-show-model-warnings --model openai/<model> --openai-api-base <gateway>/v1 --openai-api-key "
+        "<key>` (Anthropic format: `--model anthropic/<model> --anthropic-api-key <key>` with "
+        "`ANTHROPIC_API_BASE=<gateway>`), `--no-stream` for `text`, `--stream` for `stream`; offline with "
+        "`LITELLM_LOCAL_MODEL_COST_MAP=True` and a `--model-metadata-file` naming the model (else aider "
+        "downloads LiteLLM's model list). aider retries any 402 for about a minute whatever the body "
+        "says (LiteLLM raises APIError, which aider treats as transient up to its fixed 60 s "
+        "RETRY_TIMEOUT); it prints the gateway's message before each `Retrying in ...`, and the test ends "
+        "it there.",
     ),
     Client(
         "Codex CLI",
         "npm @openai/codex",
         CAPABILITIES,
-        notes='Responses API only (`wire_api = "responses"`); always streams; `text` is `codex exec`, '
-        "`stream` is `codex exec --json` (JSONL events). Tool round trip through its own shell tool.",
+        notes="`codex exec --strict-config --skip-git-repo-check --ephemeral PROMPT` with "
+        '`$CODEX_HOME/config.toml`: `model_provider` with `base_url = "<gateway>/v1"`, `env_key`, '
+        '`wire_api = "responses"`; offline with `check_for_update_on_startup = false`, `analytics`, '
+        "`feedback` off, `otel` exporter none, `history` persistence none and the `plugins` / "
+        "`remote_plugin` features off (else it reaches github.com at start). Always streams; `stream` is "
+        "`codex exec --json` (JSONL events). Its file reading goes through its shell tool "
+        '`exec_command` (`cmd: "cat <file>"`). A 402 is retried five times (`Reconnecting... n/5`, '
+        "about 6 s) before it shows `unexpected status 402 Payment Required: <message>`. It warns "
+        "`Model metadata for <model> not found` (no catalog is read).",
     ),
 )
 CLIENTS_BY_NAME = {c.name: c for c in CLIENT_LIST}
@@ -237,6 +257,7 @@ def render(results: Results) -> str:
         "Every proxy variable points at a local listener that refuses each request and notes its host.",
         "opencode installs `@opencode-ai/plugin` into its config directory in the background at every",
         "start (no setting turns it off); refused, it logs a warning and carries on.",
+        "The driving commands and settings per client are in the notes above.",
         "",
     ]
     for client in CLIENT_LIST:
