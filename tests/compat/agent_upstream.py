@@ -16,7 +16,7 @@ answer per request:
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
@@ -113,6 +113,10 @@ class AgentUpstream(FakeUpstream):
         super().__init__()
         self.answer = "plain answer"
         self.read_path = ""
+        # DeepSeek style: usage on the finish chunk, and with ``reasoning`` set every answer starts
+        # with reasoning_content (the fake then enforces its thinking-mode rule on tool turns).
+        self.flavour: Literal["openai", "deepseek"] = "openai"
+        self.reasoning = ""
         self.replies: list[str] = []  # "text" / "tool_call:<name>" / "final:<token>" / "scripted"
 
     def plan(self, api: Api, body: dict[str, Any]) -> Script:
@@ -122,14 +126,17 @@ class AgentUpstream(FakeUpstream):
             found = TOKEN_RE.search(result)
             token = found.group(0) if found else "NO-TOKEN-IN-RESULT"
             self.replies.append(f"final:{token}")
-            return Script(text=f"{FINAL_PREFIX} {token}.")
+            return self._script(text=f"{FINAL_PREFIX} {token}.")
         if self.read_path and _asks_to_read(messages):
             call = read_call_for(_tools(api, body), self.read_path)
             if call is not None:
                 self.replies.append(f"tool_call:{call.name}")
-                return Script(text="", tool_calls=(call,))
+                return self._script(text="", tool_calls=(call,))
         self.replies.append("text")
-        return Script(text=self.answer)
+        return self._script(text=self.answer)
+
+    def _script(self, **fields: Any) -> Script:
+        return Script(flavour=self.flavour, reasoning=self.reasoning, **fields)
 
     async def _answer(self, request: web.Request, api: Api, script: Script, body: Any) -> web.StreamResponse:
         refusal = self._refusal(request, api, body)

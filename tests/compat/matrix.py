@@ -34,7 +34,7 @@ CLIENT_LIST = (
     Client(
         "Claude Code",
         "npm @anthropic-ai/claude-code",
-        (*CAPABILITIES, "default model (no ANTHROPIC_MODEL)"),
+        (*CAPABILITIES, "default model (no ANTHROPIC_MODEL)", "tool round trip, DeepSeek thinking mode"),
         notes="`claude -p PROMPT --allowedTools Read --output-format json` with only "
         "`ANTHROPIC_BASE_URL`, `ANTHROPIC_AUTH_TOKEN` and `ANTHROPIC_MODEL` (plus `DISABLE_TELEMETRY`, "
         "`DISABLE_AUTOUPDATER`, `DISABLE_ERROR_REPORTING`, `CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC`). "
@@ -42,7 +42,10 @@ CLIENT_LIST = (
         "(the text deltas reach its output). Its file tool is `Read` (`file_path`). With no "
         "`ANTHROPIC_MODEL` it asks for its own default (`claude-opus-5-5` in this version), which the "
         'gateway maps through `aliases = ["claude-*", "opus", "sonnet", "haiku"]` on an OpenAI-format '
-        "model (openai column only). A 402 is not retried; it shows `API Error: 402 <message>`.",
+        "model (openai column only). The DeepSeek thinking-mode row runs the tool round trip on a model "
+        'with `reasoning = "deepseek"`: the fake answers with reasoning_content and refuses a tool turn '
+        "that does not carry it back, as DeepSeek does. A 402 is not retried; it shows "
+        "`API Error: 402 <message>`.",
     ),
     Client(
         "opencode",
@@ -77,7 +80,7 @@ CLIENT_LIST = (
     Client(
         "Codex CLI",
         "npm @openai/codex",
-        CAPABILITIES,
+        (*CAPABILITIES, "tool round trip, DeepSeek thinking mode"),
         notes="`codex exec --strict-config --skip-git-repo-check --ephemeral PROMPT` with "
         '`$CODEX_HOME/config.toml`: `model_provider` with `base_url = "<gateway>/v1"`, `env_key`, '
         '`wire_api = "responses"`; offline with `check_for_update_on_startup = false`, `analytics`, '
@@ -85,12 +88,18 @@ CLIENT_LIST = (
         "`remote_plugin` features off (else it reaches github.com at start). Always streams; `stream` is "
         "`codex exec --json` (JSONL events). Its file reading goes through its shell tool "
         '`exec_command` (`cmd: "cat <file>"`). A 402 is retried five times (`Reconnecting... n/5`, '
-        "about 6 s) before it shows `unexpected status 402 Payment Required: <message>`. It warns "
+        "about 6 s) before it shows `unexpected status 402 Payment Required: <message>`. On the DeepSeek "
+        "model it sends no reasoning effort (thinking switch left off); its reasoning item comes back "
+        "as the tool turn's reasoning_content. It warns "
         "`Model metadata for <model> not found` (no catalog is read).",
     ),
 )
 CLIENTS_BY_NAME = {c.name: c for c in CLIENT_LIST}
-SINGLE_FORMAT = {("Claude Code", "default model (no ANTHROPIC_MODEL)"): "openai"}
+SINGLE_FORMAT = {
+    ("Claude Code", "default model (no ANTHROPIC_MODEL)"): "openai",
+    ("Claude Code", "tool round trip, DeepSeek thinking mode"): "openai",
+    ("Codex CLI", "tool round trip, DeepSeek thinking mode"): "openai",
+}
 
 
 def expected_cells() -> set[tuple[str, str, str]]:

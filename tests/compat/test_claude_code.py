@@ -161,3 +161,41 @@ async def test_default_model_through_alias(
         asked = {r.body["model"] for r in messages_requests(c)}
         assert all(name.startswith("claude-") for name in asked), asked  # its own default name
         assert {r.body["model"] for r in c.upstream.requests} == {"coder-upstream"}
+
+
+DEEPSEEK_THINKING = """
+[models."deepseek-think"]
+provider = "fake-openai"
+upstream_model = "deepseek-think-upstream"
+reasoning = "deepseek"
+price_input_cache_hit = "0.5"
+price_input_cache_miss = "2"
+price_output = "8"
+max_output_tokens = 8192
+"""
+
+
+@pytest.mark.compat(CLIENT, "tool round trip, DeepSeek thinking mode")
+@pytest.mark.parametrize("fmt", ["openai"])
+async def test_tool_round_trip_deepseek_thinking(
+    redis_client: aioredis.Redis,
+    clean_keyspace: Keyspace,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    fmt: str,
+) -> None:
+    """DeepSeek in thinking mode answers 400 unless a tool turn carries its reasoning_content back."""
+    async with compat_setup(redis_client, clean_keyspace, tmp_path, extra_models=DEEPSEEK_THINKING) as c:
+        c.upstream.flavour = "deepseek"
+        c.upstream.reasoning = "The user wants the file; read it first."
+        run = await run_claude(c, c.read_prompt, model="deepseek-think")
+        remember_sent(request, c)
+        result = result_of(run)
+        assert f"{FINAL_PREFIX} {c.token}" in result["result"], (
+            f"replies={c.upstream.replies}; {run.describe()}"
+        )
+        assert c.upstream.replies[:2] == ["tool_call:Read", f"final:{c.token}"], c.upstream.replies
+        tool_turn = c.upstream.requests[1].body
+        assert tool_turn.get("thinking") == {"type": "enabled"}  # the rule was in force
+        assistant = [m for m in tool_turn["messages"] if m.get("role") == "assistant" and m.get("tool_calls")]
+        assert assistant and assistant[0].get("reasoning_content") == c.upstream.reasoning

@@ -16,10 +16,14 @@ Landlock/seccomp sandbox to give, and the only command is the fake's ``cat``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
+from ledger.keys import Keyspace
 from tests.compat.agent_upstream import FINAL_PREFIX
+from tests.compat.conftest import remember_sent
 from tests.compat.harness import (
     FORMATS,
     MODEL_OF_FORMAT,
@@ -27,8 +31,10 @@ from tests.compat.harness import (
     ClientRun,
     Compat,
     client_binary,
+    compat_setup,
     run_client,
 )
+from tests.compat.test_claude_code import DEEPSEEK_THINKING
 
 pytestmark = pytest.mark.timeout(180)
 CLIENT = "Codex CLI"
@@ -67,12 +73,18 @@ remote_plugin = false
 
 
 async def run_codex(
-    c: Compat, fmt: str, prompt: str, *, key: str | None = None, json_events: bool = False
+    c: Compat,
+    fmt: str,
+    prompt: str,
+    *,
+    key: str | None = None,
+    json_events: bool = False,
+    model: str | None = None,
 ) -> ClientRun:
     home = c.home()
     codex_home = home / ".codex"
     codex_home.mkdir(exist_ok=True)
-    config = CONFIG.format(model=MODEL_OF_FORMAT[fmt], base_url=f"{c.gw.url}/v1", key_env=KEY_ENV)
+    config = CONFIG.format(model=model or MODEL_OF_FORMAT[fmt], base_url=f"{c.gw.url}/v1", key_env=KEY_ENV)
     (codex_home / "config.toml").write_text(config)
     argv = [
         client_binary(NPM_BIN / "codex"),
@@ -144,3 +156,27 @@ async def test_402_message(compat: Compat, fmt: str) -> None:
     statuses = [r.status for r in responses_requests(compat)]
     assert statuses == [402] * len(statuses) and 1 <= len(statuses) <= 6  # its stream_max_retries
     assert not compat.upstream.requests
+
+
+@pytest.mark.compat(CLIENT, "tool round trip, DeepSeek thinking mode")
+@pytest.mark.parametrize("fmt", ["openai"])
+async def test_tool_round_trip_deepseek_thinking(
+    redis_client: aioredis.Redis,
+    clean_keyspace: Keyspace,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    fmt: str,
+) -> None:
+    """DeepSeek in thinking mode answers 400 unless a tool turn carries its reasoning_content back."""
+    async with compat_setup(redis_client, clean_keyspace, tmp_path, extra_models=DEEPSEEK_THINKING) as c:
+        c.upstream.flavour = "deepseek"
+        c.upstream.reasoning = "The user wants the file; read it first."
+        run = await run_codex(c, fmt, c.read_prompt, model="deepseek-think")
+        remember_sent(request, c)
+        assert f"{FINAL_PREFIX} {c.token}" in run.stdout, f"replies={c.upstream.replies}; {run.describe()}"
+        tool_turn = c.upstream.requests[-1].body
+        assistant = [m for m in tool_turn["messages"] if m.get("role") == "assistant" and m.get("tool_calls")]
+        assert assistant, tool_turn["messages"]
+        # Codex sends no reasoning effort, so the gateway leaves DeepSeek's thinking switch alone;
+        # its reasoning item still comes back as the tool turn's reasoning_content.
+        assert assistant[0].get("reasoning_content") == c.upstream.reasoning
