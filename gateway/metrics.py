@@ -45,9 +45,14 @@ class Metrics:
         self.upstream_latency: defaultdict[tuple[tuple[str, str], ...], _Histogram] = defaultdict(_Histogram)
         self.ttfb: defaultdict[tuple[tuple[str, str], ...], _Histogram] = defaultdict(_Histogram)
         self.active_streams = 0
+        self.auth_failures: defaultdict[tuple[tuple[str, str], ...], int] = defaultdict(int)
 
     def request(self, route: str, status: int) -> None:
         self.requests[(("route", route), ("status", str(status)))] += 1
+
+    def auth_failure(self, outcome: str) -> None:
+        """outcome: rejected (a 401, counted toward the throttle) or throttled (a 429 instead)."""
+        self.auth_failures[(("outcome", outcome),)] += 1
 
     def upstream(self, provider: str, first_byte_s: float, total_s: float) -> None:
         self.ttfb[(("provider", provider),)].observe(first_byte_s)
@@ -88,4 +93,9 @@ class Metrics:
         out.append(f"gateway_active_streams {self.active_streams}")
         counter("gateway_tokens_total", "Tokens billed by model and kind.", self.tokens)
         counter("gateway_charge_micro_total", "Credit charged by model, in micro-units.", self.charges)
+        counter(
+            "gateway_auth_failures_total",
+            "Failed API key authentications: rejected (401) and throttled (429, too many per address).",
+            self.auth_failures,
+        )
         return "\n".join(out) + "\n"

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from gateway.app import create_app
 from gateway.appkeys import LEDGER
 from gateway.models import load_registry
+from gateway.server import GatewayRunner
 from gateway.settings import Settings
 from ledger.journal import JournalWorker
 from ledger.keys import Keyspace
@@ -154,7 +155,7 @@ async def running_gateway(
     app = create_app(settings, redis=redis, registry=registry)
     if configure_app is not None:
         configure_app(app)  # e.g. a recording middleware, before the app freezes
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
+    runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
