@@ -20,7 +20,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import ConfigError, LedgerConfig
-from .errors import LedgerError
+from .epoch import history_in, open_ledger
+from .errors import LedgerError, LedgerLost
 from .journal import JournalWorker
 from .ledger import DEFAULT_BUCKET_LIFE_S, Ledger
 from .money import iso_ms, parse_amount
@@ -62,7 +63,11 @@ class Ctx:
                 await self._redis.ping()
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 raise Refused("cannot reach the ledger's Redis (check REDIS_URL)") from None
-        return Ledger(self._redis, self.config.keyspace)
+            ledger = Ledger(self._redis, self.config.keyspace, done_ttl_s=self.config.done_ttl_s)
+            # A new ledger gets its epoch markers here; a lost one stays lost (commands refuse with
+            # LedgerLost, `rebuild` restores it).
+            await open_ledger(ledger, history_in(self.store()))
+        return Ledger(self._redis, self.config.keyspace, done_ttl_s=self.config.done_ttl_s)
 
     def store(self) -> Store:
         if self._store is None:
@@ -402,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(sub, "expire", cmd_expire, "forfeit what expired now")
     cmd(sub, "reconcile", cmd_reconcile, "check conservation in Redis and SQLite")
     cmd(sub, "rebuild", cmd_rebuild, "restore Redis from SQLite after Redis was lost").add_argument(
-        "--force", action="store_true", help="replace a ledger that still has keys"
+        "--force", action="store_true", help="replace a live (whole) ledger from SQLite: a repair"
     )
     cmd(sub, "migrate", cmd_migrate, "create or upgrade the SQLite schema")
     t = cmd(sub, "topups", cmd_topups, "list top-ups (Omise charges and what became of them)")
@@ -452,6 +457,9 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     except BadUsage as exc:
         sys.stderr.write(f"ledger {name}: {exc}\n")
         return EXIT_USAGE
+    except LedgerLost:
+        sys.stderr.write(f"ledger {name}: the ledger's Redis lost its data; run `python -m ledger rebuild`\n")
+        return EXIT_REFUSED
     except (Refused, LedgerError) as exc:
         sys.stderr.write(f"ledger {name}: {exc}\n")
         return EXIT_REFUSED

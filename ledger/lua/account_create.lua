@@ -2,6 +2,7 @@
 -- KEYS[1] shard journal   ARGV: account_id, email, sub, sub_hash ('' when none), now_ms, low_threshold
 -- Returns {'ok', account_id} or {'exists', account_id}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local acct, email, sub, sub_hash, now, low = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 if sub_hash ~= '' then
   local existing = redis.call('GET', PFX .. 'sub:' .. sub_hash)

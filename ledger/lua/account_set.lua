@@ -3,6 +3,7 @@
 -- KEYS[1] shard journal   ARGV: account_id, now_ms, field, value
 -- Returns {'ok'} | {'no_account'} | {'bad_field'}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local acct, now, field, value = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 if field ~= 'low_threshold' and field ~= 'email' then return {'bad_field'} end
 local a = k_account(PFX, acct)

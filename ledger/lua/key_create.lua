@@ -3,6 +3,7 @@
 -- With replaces_key_id the old key is revoked in the same call (renew = rotate atomically).
 -- Returns {'ok'} | {'no_account'} | {'limit'} | {'unknown_key'}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local acct, key_id, hash, prefix, now, max_keys, old = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 if redis.call('HGET', k_account(PFX, acct), 'status') ~= 'active' then return {'no_account'} end
 if old ~= '' then
