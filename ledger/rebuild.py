@@ -25,7 +25,7 @@ from .ledger import RESERVATION_TTL_S, Ledger
 from .reconcile import drain_all
 from .store import Store
 
-__all__ = ["RebuildRefused", "RebuildResult", "ledger_key_count", "rebuild"]
+__all__ = ["RebuildRefused", "RebuildResult", "RepairResult", "ledger_key_count", "rebuild", "repair"]
 
 _CHUNK = 500
 
@@ -302,3 +302,51 @@ async def rebuild(
         )
     )
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class RepairResult:
+    problems_before: list[str]
+    problems_after: list[str]
+    rebuilt: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ok": not self.problems_after,
+            "rebuilt": self.rebuilt,
+            "problems_before": self.problems_before,
+            "problems_after": self.problems_after,
+        }
+
+
+async def repair(ledger: Ledger, store: Store, *, actor: str = "system") -> RepairResult:
+    """What reconcile flags, repaired from SQLite (the record of every applied journal event):
+    drain, check; when anything is wrong, release holds past their deadline and check again; still
+    wrong, replace the live ledger from SQLite (`rebuild --force`) and check again. Audited."""
+    from .reconcile import reconcile
+
+    before = await reconcile(ledger, store)
+    if before.ok:
+        return RepairResult([], [], rebuilt=False)
+    released = await ledger.release_stale()
+    mid = await reconcile(ledger, store) if released else before
+    rebuilt = False
+    if not mid.ok:
+        await rebuild(ledger, store, force=True, actor=actor)
+        rebuilt = True
+    after = await reconcile(ledger, store) if (released or rebuilt) else mid
+    await asyncio.to_thread(
+        lambda: store.audit(
+            actor=actor,
+            action="repair",
+            target="ledger",
+            detail={
+                "problems_before": before.problems[:50],
+                "stale_holds_released": released,
+                "rebuilt": rebuilt,
+                "problems_after": after.problems[:50],
+            },
+            at_ms=ledger.now_ms(),
+        )
+    )
+    return RepairResult(before.problems, after.problems, rebuilt)
