@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from ledger.epoch import history_in, is_whole, open_ledger
+from ledger.epoch import is_whole
 from ledger.errors import LedgerLost
 from ledger.journal import EXPIRE_EVERY_S, RELEASE_STALE_EVERY_S, JournalWorker, stream_id
 from ledger.ledger import Ledger
@@ -156,16 +156,15 @@ async def run_worker(
     spools = spool_dir(database_path)
     runner = await _serve_metrics(health, metrics_port) if metrics_port else None
     loop = asyncio.get_running_loop()
-    due = {"expire": 0.0, "release": 0.0, "orphans": 0.0, "gauges": 0.0, "reconcile": loop.time() + 10.0}
+    due = {"expire": 0.0, "release": 0.0, "orphans": 0.0, "gauges": 0.0, "reconcile": loop.time() + min(10.0, reconcile_every_s)}
     lost_logged = 0.0
     try:
         while not stop.is_set():
             now = loop.time()
             try:
+                # Markers are created by the web process and the ops CLI, never here: a worker must
+                # not mistake a Redis that lost its data for a new ledger.
                 health.ledger_whole = await is_whole(ledger)
-                if not health.ledger_whole:
-                    await open_ledger(ledger, history_in(store))  # a new ledger gets its markers
-                    health.ledger_whole = await is_whole(ledger)
                 if not health.ledger_whole:
                     # Nothing is applied to or swept from a ledger that lost its data: the journal
                     # and the stale sweep would otherwise book an empty Redis as the truth.

@@ -46,9 +46,10 @@ def free_port() -> int:
 class RedisServer:
     """redis-server on its own port and directory; kill it, start it again (empty or from its AOF)."""
 
-    def __init__(self, directory: Path, *, aof: bool) -> None:
+    def __init__(self, directory: Path, *, aof: bool, policy: str = "noeviction") -> None:
         self.dir = directory
         self.aof = aof
+        self.policy = policy
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -59,7 +60,7 @@ class RedisServer:
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--save", "", "--maxmemory-policy", "noeviction", "--daemonize", "no"]
+                "--save", "", "--maxmemory-policy", self.policy, "--daemonize", "no"]
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
