@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ __all__ = [
     "raise_nofile",
     "rss_bytes",
     "run_load",
+    "run_sessions",
     "wait_port",
 ]
 
@@ -41,9 +43,17 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 TEXT_CHUNKS = 28
 
 
-def bench_script(chunk_delay_s: float = 0.0):  # type: ignore[no-untyped-def]
+def bench_script(chunk_delay_s: float = 0.0, agent: bool = False):  # type: ignore[no-untyped-def]
     from tests.fakes.upstream import FakeUsage, Script
 
+    if agent:
+        # A coding agent's turn: 128 output tokens after a long prompt, mostly read from the cache.
+        return Script(
+            text=" ".join(f"word{i}" for i in range(128)),
+            text_chunks=TEXT_CHUNKS,
+            usage=FakeUsage(input_cache_hit=90_000, input_cache_miss=8_000, output=128),
+            chunk_delay_s=chunk_delay_s,
+        )
     text = " ".join(f"word{i}" for i in range(TEXT_CHUNKS * 4))
     return Script(
         text=text,
@@ -218,6 +228,52 @@ async def run_load(
     return result
 
 
+async def run_sessions(
+    port: int,
+    path: str,
+    headers: dict[str, str],
+    bodies: Callable[[int], Iterator[bytes]],
+    concurrency: int,
+    *,
+    per_worker: int,
+) -> LoadResult:
+    """Connection ``i`` sends the first ``per_worker`` bodies of ``bodies(i)`` in order (its sessions).
+
+    A fixed count, not a duration: every target then sees the same mix of prompt sizes however fast
+    it is (a timed phase would stop a slow target's sessions at their short first turns).
+    """
+    conns = [await _connect(port) for _ in range(concurrency)]
+    result = LoadResult()
+    started = time.perf_counter()
+
+    async def worker(i: int, conn: _Conn) -> None:
+        stream = bodies(i)
+        for _ in range(per_worker):
+            request = http_request(port, path, next(stream), headers)
+            t0 = time.perf_counter()
+            try:
+                raw = await conn.send(request)
+            except (RuntimeError, ConnectionError) as exc:
+                result.errors += 1
+                print(f"  error: {str(exc)[:200]}", file=sys.stderr)
+                return
+            t1 = time.perf_counter()
+            if not raw.startswith(b"HTTP/1.1 200") or (b"[DONE]" not in raw and b"message_stop" not in raw):
+                result.errors += 1
+                continue
+            result.frames = raw.count(b"data:")
+            result.requests += 1
+            result.ttfb_s.append(conn.first_body_at - t0)
+            result.total_s.append(t1 - t0)
+
+    await asyncio.gather(*(worker(i, c) for i, c in enumerate(conns)))
+    result.elapsed_s = time.perf_counter() - started
+    for c in conns:
+        if c.transport is not None:
+            c.transport.close()
+    return result
+
+
 async def open_streams(port: int, request: bytes, n: int, *, timeout_s: float) -> list[_Conn]:
     """Open ``n`` streams and return once every one has its first body byte (caller aborts them)."""
     conns: list[_Conn] = []
@@ -241,12 +297,12 @@ async def open_streams(port: int, request: bytes, n: int, *, timeout_s: float) -
 # ---- the fake upstream process -------------------------------------------------------------------
 
 
-async def _serve_fake(port: int, chunk_delay_s: float) -> None:
+async def _serve_fake(port: int, chunk_delay_s: float, agent: bool = False) -> None:
     from aiohttp import web
 
     from tests.fakes.upstream import FakeUpstream
 
-    fake = FakeUpstream(bench_script(chunk_delay_s))
+    fake = FakeUpstream(bench_script(chunk_delay_s, agent))
     # The fake keeps every request it saw for tests to inspect: a bench must not grow without end.
     fake.requests = _Forgetful()
     runner = web.AppRunner(fake.app, handler_cancellation=True, access_log=None)
@@ -266,8 +322,8 @@ class _Forgetful(list):  # type: ignore[type-arg]
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "fake":
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "fake":
         raise_nofile()
-        asyncio.run(_serve_fake(int(sys.argv[2]), float(sys.argv[3])))
+        asyncio.run(_serve_fake(int(sys.argv[2]), float(sys.argv[3]), sys.argv[4:] == ["agent"]))
     else:
-        sys.exit("usage: python bench/_common.py fake PORT CHUNK_DELAY_S")
+        sys.exit("usage: python bench/_common.py fake PORT CHUNK_DELAY_S [agent]")

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/proxy_bench.py            # full run (about 3 minutes)
     .venv/bin/python bench/proxy_bench.py --quick    # smoke run (under a minute)
+    .venv/bin/python bench/proxy_bench.py --agent    # coding-agent sessions, ~400 KB prompts (~3 minutes)
 
 Needs Redis on REDIS_URL (default redis://127.0.0.1:6379/0); uses a fresh key prefix and deletes it
 after. The gateway and the bare proxy run pinned to core 0, the load client and the fake upstream to
@@ -15,6 +16,7 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,7 @@ from _common import (
     raise_nofile,
     rss_bytes,
     run_load,
+    run_sessions,
     wait_port,
 )
 
@@ -63,6 +66,19 @@ api_key_env = "BENCH_UPSTREAM_KEY"
 
 [models."bench"]
 provider = "bench"
+upstream_model = "bench-upstream"
+price_input_cache_hit = "1.5"
+price_input_cache_miss = "3"
+price_output = "12"
+max_output_tokens = 4096
+
+[providers.bench-anthropic]
+base_url = "http://127.0.0.1:{fast}"
+format = "anthropic"
+api_key_env = "BENCH_UPSTREAM_KEY"
+
+[models."bench-claude"]
+provider = "bench-anthropic"
 upstream_model = "bench-upstream"
 price_input_cache_hit = "1.5"
 price_input_cache_miss = "3"
@@ -259,7 +275,10 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: Procs, prefix: str) -
     base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
     base_env["PYTHONPATH"] = str(ROOT)
     fast = procs.start(
-        LOAD_CORE, [PY, "bench/_common.py", "fake", str(fast_port), "0"], base_env, tmp / "fake.log"
+        LOAD_CORE,
+        [PY, "bench/_common.py", "fake", str(fast_port), "0", *(["agent"] if args.agent else [])],
+        base_env,
+        tmp / "fake.log",
     )
     procs.start(
         LOAD_CORE,
@@ -311,6 +330,15 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: Procs, prefix: str) -
     time.sleep(0.5)
     out: dict[str, Any] = {"rows": [], "prefix": prefix}
     rss_start = rss_bytes(gw.pid)
+    if args.agent:
+        servers = {"direct": (fast_port, None), "bare": (bare_port, bare.pid), "gateway": (gw_port, gw.pid)}
+        if base is not None:
+            servers["baseline"] = (base_port, base.pid)
+        await _agent_phases(args, servers, key, [os.getpid(), fast.pid], out)
+        out["rss"] = {"start_mib": rss_start / 2**20, "after_mib": rss_bytes(gw.pid) / 2**20}
+        if base is not None:
+            out["rss"]["baseline_after_mib"] = rss_bytes(base.pid) / 2**20
+        return out
     direct_req = http_request(
         fast_port, "/v1/chat/completions", _body("bench-upstream"), {"Content-Type": "application/json"}
     )
@@ -410,6 +438,113 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: Procs, prefix: str) -
     return out
 
 
+AGENT_SHAPES = (("openai", "/v1/chat/completions"), ("anthropic", "/v1/messages"))
+
+
+async def _agent_phases(
+    args: argparse.Namespace,
+    servers: dict[str, tuple[int, int | None]],
+    key: str,
+    load_pids: list[int],
+    out: dict[str, Any],
+) -> None:
+    """Agent sessions against each target in turn, per shape and concurrency; fresh sessions each phase
+    (a gateway's caches see what a long-running one would: the same system prompt and tools, new
+    histories)."""
+    from agent_workload import MAX_TURNS, Corpus, session_requests
+
+    corpus = Corpus.load()
+    next_session = [0]
+
+    def sessions(fmt: str, model: str, conc: int) -> Any:
+        base = next_session[0]
+        next_session[0] += 1000
+
+        def bodies(i: int) -> Any:
+            # Worker i runs sessions base+i, base+i+conc, ...: no two workers share a session.
+            number = base + i
+            while True:
+                gen = session_requests(corpus, fmt, model, number)
+                for _ in range(MAX_TURNS):
+                    yield next(gen)
+                number += conc
+
+        return bodies
+
+    for fmt, path in AGENT_SHAPES:
+        for conc in args.concurrency:
+            for name, (port, pid) in servers.items():
+                if args.only and name not in args.only:
+                    continue
+                gateway = name in ("gateway", "baseline")
+                model = ("bench-claude" if fmt == "anthropic" else "bench") if gateway else "bench-upstream"
+                headers = {"Content-Type": "application/json"}
+                if gateway:
+                    headers["Authorization" if fmt == "openai" else "x-api-key"] = (
+                        f"Bearer {key}" if fmt == "openai" else key
+                    )
+                if fmt == "anthropic":
+                    headers["anthropic-version"] = "2023-06-01"
+                # Warm-up: connections, pools, and (gateway) the system prompt and tools every session shares.
+                await run_sessions(port, path, headers, sessions(fmt, model, conc), conc, per_worker=3)
+                profiler = None
+                if args.profile and name == "gateway" and conc == max(args.concurrency):
+                    out_path = args.profile.replace(".txt", f"-{fmt}.txt")
+                    profiler = subprocess.Popen(
+                        ["taskset", "-c", LOAD_CORE, str(Path(PY).parent / "py-spy"), "record", "-p", str(pid),
+                         "-o", out_path, "-f", "raw", "-r", "200"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    time.sleep(0.5)
+                r0 = await _redis_cpu(args.redis_url)
+                s0 = cpu_seconds(pid) if pid else 0.0
+                l0 = sum(cpu_seconds(p) for p in load_pids)
+                res = await run_sessions(
+                    port, path, headers, sessions(fmt, model, conc), conc, per_worker=args.sessions * MAX_TURNS
+                )
+                if profiler is not None:
+                    profiler.send_signal(signal.SIGINT)
+                    profiler.wait()
+                s1 = cpu_seconds(pid) if pid else 0.0
+                l1 = sum(cpu_seconds(p) for p in load_pids)
+                r1 = await _redis_cpu(args.redis_url)
+                print(f"  agent {fmt} {name} c={conc}: {res.rps:.0f} req/s", file=sys.stderr, flush=True)
+                row = _row(name, conc, res, (s1 - s0) if pid else None, l1 - l0, r1 - r0)
+                row["shape"] = fmt
+                out["rows"].append(row)
+
+
+def _agent_summary(out: dict[str, Any]) -> None:
+    print()
+    for fmt, _ in AGENT_SHAPES:
+        rows = [r for r in out["rows"] if r.get("shape") == fmt]
+        if not rows:
+            continue
+        print(f"agent sessions, {fmt} shape:")
+        _print_rows(rows)
+        by = {(r["target"], r["concurrency"]): r for r in rows}
+        for name in ("gateway", "baseline"):
+            g8, b8 = by.get((name, 8)), by.get(("bare", 8))
+            g1, b1, d1 = by.get((name, 1)), by.get(("bare", 1)), by.get(("direct", 1))
+            if g8 and b8 and g8.get("cpu_ms_per_req") and b8.get("cpu_ms_per_req"):
+                print(
+                    f"  {name}, c=8: CPU/req {g8['cpu_ms_per_req']:.2f} ms = "
+                    f"{g8['cpu_ms_per_req'] / b8['cpu_ms_per_req']:.2f}x bare (aim <= 2x); "
+                    f"req/s {g8['rps']:.0f} = {g8['rps'] / b8['rps']:.2f} of bare (aim >= 0.5)"
+                )
+            if g1 and b1 and d1:
+                added = g1["ttfb_p50_ms"] - d1["ttfb_p50_ms"]
+                bare_added = b1["ttfb_p50_ms"] - d1["ttfb_p50_ms"]
+                print(
+                    f"  {name}, c=1: added TTFB p50 {added:.2f} ms, bare's {bare_added:.2f} ms: "
+                    f"{added - bare_added:+.2f} ms (aim <= +3 ms)"
+                )
+        print()
+    if "rss" in out:
+        print("gateway RSS: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in out["rss"].items()))
+
+
 def _summary(out: dict[str, Any]) -> None:
     rows = {(r["target"], r["concurrency"]): r for r in out["rows"]}
     print()
@@ -453,12 +588,20 @@ def _summary(out: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/proxy_bench.py", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="short phases and 1,000 streams: under a minute")
+    p.add_argument(
+        "--agent",
+        action="store_true",
+        help="coding-agent sessions (growing ~400 KB histories of real source, both API shapes) at c=1 and 8",
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per phase")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per phase")
     p.add_argument("--max-requests", type=int, default=100_000, help="request cap per phase")
-    p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
+    p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES), help="default 1 32 256; 1 8 with --agent")
     p.add_argument(
         "--only", nargs="+", choices=["direct", "bare", "gateway", "baseline"], help="run only these targets"
+    )
+    p.add_argument(
+        "--sessions", type=int, default=2, help="--agent: whole sessions per connection and phase (1 with --quick)"
     )
     p.add_argument("--streams", type=int, default=OPEN_STREAMS, help="open streams for the RSS reading")
     p.add_argument("--slow-delay", type=float, default=1.0, help="seconds between frames of the open streams")
@@ -478,8 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-path", nargs="*", default=[], help="extra PYTHONPATH entries for the baseline")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     args = p.parse_args(argv)
+    if args.agent and args.concurrency == list(CONCURRENCIES):
+        args.concurrency = [1, 8]
     if args.quick:
         args.duration, args.warmup = 1.5, 0.3
+        args.sessions = 1
     if len(os.sched_getaffinity(0)) < 2:
         print("needs two cores (one for the server, one for the load)", file=sys.stderr)
         return 2
@@ -498,7 +644,10 @@ def main(argv: list[str] | None = None) -> int:
                     lines = [x for x in log.read_text().splitlines() if " INFO " not in x]
                     print(f"--- {log.name}\n" + "\n".join(lines[-40:]), file=sys.stderr)
     out["dropped_keys"] = dropped
-    _summary(out)
+    if args.agent:
+        _agent_summary(out)
+    else:
+        _summary(out)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -12,9 +12,9 @@ from ledger.epoch import is_whole
 from ledger.money import iso_ms
 
 from . import errors as E
-from . import tokens
 from .appkeys import LEDGER, METRICS, PROXY, REGISTRY
 from .auth import authenticate
+from .estimate import estimate_prompt
 from .jsonbody import read_json_object
 from .proxy import Proxy
 
@@ -81,8 +81,9 @@ async def count_tokens(request: web.Request) -> web.Response:
         raise E.NotFound(f"Model {model!r} is not available here; GET /v1/models lists the models.", param="model")
     if not isinstance(body.get("messages"), list):
         raise E.BadRequest("'messages' is required and must be an array.", param="messages")
-    # Counted locally for every model: free, fast, and the same count the reservation uses.
-    return _json({"input_tokens": await tokens.count_anthropic_request_async(body)})
+    # Counted locally for every model: free, and the exact count a hold falls back to. An agent asks
+    # again as its conversation grows; the count cache makes that count only the new turns.
+    return _json({"input_tokens": await estimate_prompt(body, "anthropic").exact()})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -118,11 +119,31 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return await proxy.messages(request)
 
 
+async def responses(request: web.Request) -> web.StreamResponse:
+    proxy: Proxy = request.app[PROXY]
+    return await proxy.responses(request)
+
+
+async def responses_compact(request: web.Request) -> web.StreamResponse:
+    proxy: Proxy = request.app[PROXY]
+    return await proxy.responses_compact(request)
+
+
+async def responses_websocket(request: web.Request) -> web.Response:
+    # Codex may try a WebSocket on /v1/responses first; 426 is what it falls back to HTTP from.
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        raise E.UpgradeRequired("This gateway serves the Responses API over HTTP only; POST /v1/responses.")
+    raise E.MethodNotAllowed("Use POST /v1/responses.")
+
+
 def api_routes() -> list[web.RouteDef]:
     return [
         web.post("/v1/chat/completions", chat_completions),
         web.post("/v1/messages", messages),
         web.post("/v1/messages/count_tokens", count_tokens),
+        web.post("/v1/responses", responses),
+        web.get("/v1/responses", responses_websocket, allow_head=False),
+        web.post("/v1/responses/compact", responses_compact),
         web.get("/v1/models", list_models, allow_head=False),
         web.get("/v1/balance", balance, allow_head=False),
         web.get("/healthz", healthz),

@@ -6,6 +6,8 @@
     ├── InsufficientCredit       402 billing_error / insufficient_credit
     ├── Forbidden                403 permission_error
     ├── NotFound                 404 not_found_error          (unknown model, key, bucket)
+    ├── MethodNotAllowed         405 invalid_request_error
+    ├── UpgradeRequired          426 invalid_request_error    (a WebSocket asked for; Codex falls back)
     ├── Conflict                 409 invalid_request_error    (a refused state change)
     ├── PayloadTooLarge          413 request_too_large
     ├── TooManyRequests          429 rate_limit_error
@@ -25,11 +27,13 @@ __all__ = [
     "Forbidden",
     "GatewayError",
     "InsufficientCredit",
+    "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
     "ServiceUnavailable",
     "TooManyRequests",
     "Unauthorized",
+    "UpgradeRequired",
     "UpstreamError",
     "UpstreamTimeout",
 ]
@@ -82,6 +86,23 @@ class Forbidden(GatewayError):
     status = 403
     anthropic_type = "permission_error"
     openai_type = "permission_error"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    anthropic_type = "invalid_request_error"
+    openai_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class UpgradeRequired(GatewayError):
+    status = 426
+    anthropic_type = "invalid_request_error"
+    openai_type = "invalid_request_error"
+    code = "upgrade_required"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Upgrade": "HTTP/1.1", "Connection": "Upgrade"})
 
 
 class NotFound(GatewayError):

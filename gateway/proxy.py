@@ -34,7 +34,8 @@ from ledger.spool import Spool, Spooled
 from . import errors as E
 from .appkeys import REQUEST_ID
 from .auth import REVOKED, KeyCache, authenticate_cached
-from .formats import FORMATS, ClientFormat, Outgoing, Route, StreamContext
+from .estimate import PromptEstimate
+from .formats import FORMATS, ClientFormat, Outgoing, ReplyContext, Route
 from .jsonbody import read_json_object
 from .metrics import Metrics
 from .models import Model, Prices, Registry
@@ -64,7 +65,7 @@ class Exchange:
     route: Route
     stream: bool
     include_usage: bool
-    input_estimate: int
+    prompt: PromptEstimate
     max_tokens: int
     started_ms: int
     prices: Prices
@@ -72,6 +73,8 @@ class Exchange:
     produced: bool = False
     tracker: UsageTracker = field(init=False)
     names: ToolNameMap = field(default_factory=ToolNameMap)
+    body: dict[str, Any] = field(default_factory=dict)  # the client's request, for reply translators
+    route_state: Any = None  # what the route's request builder left for its reply translators
 
     def __post_init__(self) -> None:
         self.tracker = UsageTracker(self.model.provider.format)
@@ -80,9 +83,6 @@ class Exchange:
     def upstream_fmt(self) -> str:
         return self.model.provider.format
 
-    @property
-    def client_fmt(self) -> str:
-        return self.client.name
 
 
 def _amount(micro: int) -> str:
@@ -141,6 +141,12 @@ class Proxy:
     async def messages(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, FORMATS["anthropic"])
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, FORMATS["responses"])
+
+    async def responses_compact(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, FORMATS["responses_compact"])
+
     def _model(self, name: str) -> Model:
         model = self.registry.get(name)
         if model is None:
@@ -169,39 +175,32 @@ class Proxy:
         intake = client.intake(body)
         model = self._model(intake.model_name)
         request_id: str = request[REQUEST_ID]
-        input_estimate = await client.count_input(body)
+        prompt = client.estimate_input(body)  # an upper bound now; the exact count only if needed
         requested_out = min(intake.requested_output or model.max_output_tokens, model.max_output_tokens)
-        # Ceiling: every input token at the dearer of miss/write, plus the output cap.
         started_ms = self.ledger.now_ms()
         prices = model.prices_at(started_ms)  # a price window is chosen by the request's start
-        input_cost = _cost(input_estimate, max(prices.miss, prices.write))
-        ceiling = input_cost + _cost(requested_out, prices.out)
+        input_price = max(prices.miss, prices.write)
         useful = min(self.settings.min_output_tokens, requested_out)
-        minimum = input_cost + _cost(useful, prices.out)
-        reservation = asyncio.ensure_future(
-            self.ledger.reserve(
-                key.account_id,
-                request_id,
-                ceiling,
-                key_id=key.key_id,
-                min_micro=minimum,
-                concurrency_limit=self.settings.key_concurrency_limit,
-                key_hash=key_hash,
-            )
-        )
-        try:
-            # Shielded: a client leaving right now must not strand a hold that Redis already made.
-            held = await asyncio.shield(reservation)
-        except asyncio.CancelledError:
-            self._in_background(self._release_when_made(reservation, key.account_id, request_id))
-            raise
-        except LE.UnknownKey:
-            self.key_cache.drop(key_hash)  # revoked since it was cached: the reserve script said so
-            raise E.Unauthorized(REVOKED) from None
-        except LE.InsufficientFunds as err:
-            raise self._insufficient(minimum, err.available_micro, useful) from None
+        input_cost = _cost(prompt.bound, input_price)
+        while True:
+            # Ceiling: every input token at the dearer of miss/write, plus the output cap.
+            ceiling = input_cost + _cost(requested_out, prices.out)
+            minimum = input_cost + _cost(useful, prices.out)
+            try:
+                held = await self._reserve(key.account_id, key.key_id, key_hash, request_id, ceiling, minimum)
+            except LE.InsufficientFunds as err:
+                if not prompt.is_exact:
+                    # The bound did not fit: the exact count may (nothing was held, retry).
+                    input_cost = _cost(await prompt.exact(), input_price)
+                    minimum = input_cost + _cost(useful, prices.out)
+                    if minimum <= err.available_micro:
+                        continue
+                raise self._insufficient(minimum, err.available_micro, useful) from None
+            break
         max_tokens = requested_out
         if held < ceiling and prices.out > 0:
+            if not prompt.is_exact:
+                input_cost = _cost(await prompt.exact(), input_price)  # less input, more output
             # Lower the output cap to what the balance affords rather than refuse.
             max_tokens = max(useful, min(requested_out, (held - input_cost) * 1_000_000 // prices.out))
         ex = Exchange(
@@ -214,7 +213,7 @@ class Proxy:
             route=client.routes[model.provider.format],
             stream=intake.stream,
             include_usage=intake.include_usage,
-            input_estimate=input_estimate,
+            prompt=prompt,
             max_tokens=max_tokens,
             started_ms=started_ms,
             prices=prices,
@@ -247,6 +246,30 @@ class Proxy:
             # waits for every pending settlement.
             self._in_background(self._settle(ex))
 
+    async def _reserve(
+        self, account_id: str, key_id: str, key_hash: str, request_id: str, ceiling: int, minimum: int
+    ) -> int:
+        reservation = asyncio.ensure_future(
+            self.ledger.reserve(
+                account_id,
+                request_id,
+                ceiling,
+                key_id=key_id,
+                min_micro=minimum,
+                concurrency_limit=self.settings.key_concurrency_limit,
+                key_hash=key_hash,
+            )
+        )
+        try:
+            # Shielded: a client leaving right now must not strand a hold that Redis already made.
+            return await asyncio.shield(reservation)
+        except asyncio.CancelledError:
+            self._in_background(self._release_when_made(reservation, account_id, request_id))
+            raise
+        except LE.UnknownKey:
+            self.key_cache.drop(key_hash)  # revoked since it was cached: the reserve script said so
+            raise E.Unauthorized(REVOKED) from None
+
     def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.background.add(task)
@@ -268,10 +291,12 @@ class Proxy:
         self, request: web.Request, ex: Exchange, body: dict[str, Any]
     ) -> tuple[str, dict[str, str], bytes]:
         provider = ex.model.provider
-        betas = request.headers.get("anthropic-beta", "") if ex.client_fmt == "anthropic" else ""
-        out = ex.route.request(
-            body, Outgoing(model=ex.model, max_tokens=ex.max_tokens, names=ex.names, user_tag=self._user_tag(ex.key_id), betas=betas)
+        betas = request.headers.get("anthropic-beta", "") if ex.client.anthropic_headers else ""
+        outgoing = Outgoing(
+            model=ex.model, max_tokens=ex.max_tokens, names=ex.names, user_tag=self._user_tag(ex.key_id), betas=betas
         )
+        out = ex.route.request(body, outgoing)
+        ex.body, ex.route_state = body, outgoing.state
         if ex.upstream_fmt == "openai" and ex.stream:
             out["stream"] = True
             out["stream_options"] = {**(out.get("stream_options") or {}), "include_usage": True}
@@ -281,13 +306,13 @@ class Proxy:
             if api_key:
                 headers["Authorization"] = f"Bearer {api_key}"
         else:
+            if ex.client.anthropic_headers:
+                # Open lists: every anthropic-* header (betas above all: new ones arrive with each
+                # Claude Code release) goes on unchanged.
+                headers.update((k.lower(), v) for k, v in request.headers.items() if k.lower().startswith("anthropic-"))
             if provider.api_key:
                 headers["x-api-key"] = provider.api_key
-            headers["anthropic-version"] = request.headers.get("anthropic-version", "2023-06-01")
-            if betas:
-                # An open list: every beta the client sends goes on unchanged (new ones arrive with
-                # each Claude Code release).
-                headers["anthropic-beta"] = betas
+            headers.setdefault("anthropic-version", "2023-06-01")
         url = provider.endpoint
         if provider.internal:
             # The demo upstream is this very server: call it on the socket the request came in on.
@@ -352,6 +377,19 @@ class Proxy:
             err_body = ex.route.error(status, err_body)
         return web.Response(status=status, body=orjson.dumps(err_body), content_type="application/json", headers=headers)
 
+    @staticmethod
+    def _reply_context(ex: Exchange, input_estimate: int) -> ReplyContext:
+        # A whole upstream response carries its own usage: only streams need an input estimate.
+        return ReplyContext(
+            client_model=ex.client_model,
+            request_id=ex.request_id,
+            input_estimate=input_estimate,
+            include_usage=ex.include_usage,
+            names=ex.names,
+            body=ex.body,
+            state=ex.route_state,
+        )
+
     async def _relay_body(self, ex: Exchange, up: aiohttp.ClientResponse) -> web.Response:
         try:
             raw = await up.read()
@@ -365,7 +403,7 @@ class Proxy:
         ex.tracker.observe_response(obj)
         ex.produced = True
         if ex.route.response is not None:
-            raw = orjson.dumps(ex.route.response(obj, ex.client_model, ex.names))
+            raw = orjson.dumps(ex.route.response(obj, self._reply_context(ex, 0)))
         else:
             raw = echo_model(raw, ex.model.upstream_model, ex.client_model)
         return web.Response(body=raw, content_type="application/json", headers={"x-request-id": ex.request_id})
@@ -373,15 +411,9 @@ class Proxy:
     async def _relay_stream(self, request: web.Request, ex: Exchange, up: aiohttp.ClientResponse) -> web.StreamResponse:
         translator = None
         if ex.route.stream is not None:
-            translator = ex.route.stream(
-                StreamContext(
-                    client_model=ex.client_model,
-                    request_id=ex.request_id,
-                    input_estimate=ex.input_estimate,
-                    include_usage=ex.include_usage,
-                    names=ex.names,
-                )
-            )
+            # A translator may announce the input count before the upstream reports it (Anthropic's
+            # message_start): the exact count, cheap for agents whose earlier turns are cached.
+            translator = ex.route.stream(self._reply_context(ex, await ex.prompt.exact()))
         self.metrics.active_streams += 1
         try:
             return await relay_stream(request, ex, up, translator)
@@ -395,14 +427,17 @@ class Proxy:
         # an all-zero usage, so the row records the request and the hold goes back in full.
         usage, estimated = Usage(), False
         if ex.produced or ex.tracker.usage is not None:
-            usage, estimated = await ex.tracker.result_async(ex.input_estimate)
+            # The exact prompt count only when the upstream did not say how much input it read.
+            prompt = await ex.prompt.exact() if ex.tracker.needs_prompt_estimate else 0
+            usage, estimated = await ex.tracker.result_async(prompt)
         return self._bill(ex, usage, estimated, status)
 
     def bill_now(self, ex: Exchange, *, status: str | None = None) -> Spooled:
         """`bill` without leaving the loop (the output is counted here): for a cancelled settlement."""
         usage, estimated = Usage(), False
         if ex.produced or ex.tracker.usage is not None:
-            usage, estimated = ex.tracker.result(ex.input_estimate)
+            prompt = ex.prompt.exact_now() if ex.tracker.needs_prompt_estimate else 0
+            usage, estimated = ex.tracker.result(prompt)
         return self._bill(ex, usage, estimated, status)
 
     def _bill(self, ex: Exchange, usage: Usage, estimated: bool, status: str | None) -> Spooled:

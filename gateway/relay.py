@@ -188,7 +188,7 @@ async def _translated(
 
 
 async def _stream_error(ex: Exchange, resp: web.StreamResponse, err_type: str, message: str) -> None:
-    if ex.client_fmt == "anthropic":
+    if ex.client.error_format == "anthropic":
         frame = format_json_event({"type": "error", "error": {"type": err_type, "message": message}}, "error")
     else:
         frame = format_json_event({"error": {"message": message, "type": err_type, "code": ex.status}})

@@ -25,14 +25,17 @@ __all__ = [
     "IMAGE_TOKENS_ANTHROPIC",
     "IMAGE_TOKENS_OPENAI",
     "TokenizerDataError",
+    "collect_request",
     "count_anthropic_request",
     "count_anthropic_request_async",
     "count_openai_request",
     "count_openai_request_async",
+    "count_parts",
     "count_text",
     "count_text_async",
     "is_loaded",
     "load_encoding",
+    "require_loaded",
 ]
 
 BPE_PATH = Path(__file__).parent / "data" / "cl100k_base.tiktoken"
@@ -121,6 +124,11 @@ def is_loaded() -> bool:
     return _holder.encoding is not None
 
 
+def require_loaded() -> None:
+    """Raise the clear "not loaded" error now (before handing a count to a worker thread)."""
+    _encoding()
+
+
 def _encoding() -> tiktoken.Encoding:
     encoding = _holder.encoding
     if encoding is None:
@@ -149,6 +157,8 @@ async def count_text_async(text: str) -> int:
 # Each collector walks a client body (untrusted JSON: any field may have any type), appends the
 # text worth counting to ``parts`` and returns the fixed overhead (framing, images). Malformed parts
 # are skipped rather than rejected: validation belongs to the proxy, an estimate must not fail.
+# ``cuts`` gets the end index (into ``parts``) of each unit an agent resends unchanged turn after
+# turn: the system prompt, each message, the tools. gateway.estimate caches counts per unit.
 
 
 def _json_text(value: Any) -> str:
@@ -181,12 +191,14 @@ def _openai_content(content: Any, parts: list[str]) -> int:
     return overhead
 
 
-def _collect_openai(body: dict[str, Any], parts: list[str]) -> int:
+def _collect_openai(body: dict[str, Any], parts: list[str], cuts: list[int]) -> int:
     overhead = _REPLY_PRIMING
     messages = body.get("messages")
     for message in messages if isinstance(messages, list) else ():
         if not isinstance(message, dict):
             continue
+        if cuts[-1] != len(parts):
+            cuts.append(len(parts))
         overhead += _PER_MESSAGE
         role = message.get("role")
         if isinstance(role, str):
@@ -206,12 +218,15 @@ def _collect_openai(body: dict[str, Any], parts: list[str]) -> int:
                     if isinstance(function.get(key), str):
                         parts.append(function[key])
                 overhead += _PER_MESSAGE
+    cuts.append(len(parts))
     tools = body.get("tools")
     if isinstance(tools, list) and tools:
         parts.append(_json_text(tools))
+        cuts.append(len(parts))
     for key in ("response_format", "functions"):
         if isinstance(body.get(key), dict | list):
             parts.append(_json_text(body[key]))
+    cuts.append(len(parts))
     return overhead
 
 
@@ -257,22 +272,25 @@ def _anthropic_blocks(content: Any, parts: list[str]) -> int:
     return overhead
 
 
-def _collect_anthropic(body: dict[str, Any], parts: list[str]) -> int:
+def _collect_anthropic(body: dict[str, Any], parts: list[str], cuts: list[int]) -> int:
     overhead = _REPLY_PRIMING
     overhead += _anthropic_blocks(body.get("system"), parts)
+    cuts.append(len(parts))
     messages = body.get("messages")
     for message in messages if isinstance(messages, list) else ():
         if not isinstance(message, dict):
             continue
         overhead += _PER_MESSAGE
         overhead += _anthropic_blocks(message.get("content"), parts)
+        cuts.append(len(parts))
     tools = body.get("tools")
     if isinstance(tools, list) and tools:
         parts.append(_json_text(tools))
+        cuts.append(len(parts))
     return overhead
 
 
-def _count_parts(parts: list[str]) -> int:
+def count_parts(parts: list[str]) -> int:
     # Each part is encoded on its own, as OpenAI's cookbook counts messages; joining them would
     # add a separator token per part and merge tokens across boundaries.
     encode = _encoding().encode_ordinary
@@ -281,34 +299,45 @@ def _count_parts(parts: list[str]) -> int:
 
 async def _count_parts_async(parts: list[str]) -> int:
     if sum(map(len, parts)) <= ASYNC_THRESHOLD_CHARS:
-        return _count_parts(parts)
+        return count_parts(parts)
     _encoding()  # fail on the loop, with the clear message, not in the worker
-    return await asyncio.get_running_loop().run_in_executor(None, _count_parts, parts)
+    return await asyncio.get_running_loop().run_in_executor(None, count_parts, parts)
+
+
+def collect_request(body: dict[str, Any], fmt: str) -> tuple[int, list[str], list[int]]:
+    """What an estimate counts: (fixed overhead, text parts, unit ends into the parts).
+
+    The estimate is ``overhead + sum(count_text(p) for p in parts)``; ``cuts`` are increasing end
+    indexes, the last one ``len(parts)``; a unit is ``parts[previous cut:cut]``.
+    """
+    parts: list[str] = []
+    cuts = [0]
+    collect = _collect_anthropic if fmt == "anthropic" else _collect_openai
+    overhead = collect(body, parts, cuts)
+    if cuts[-1] != len(parts):
+        cuts.append(len(parts))
+    return overhead, parts, cuts
 
 
 def count_openai_request(body: dict[str, Any]) -> int:
     """Estimated prompt tokens of an OpenAI Chat Completions body."""
-    parts: list[str] = []
-    overhead = _collect_openai(body, parts)
-    return overhead + _count_parts(parts)
+    overhead, parts, _ = collect_request(body, "openai")
+    return overhead + count_parts(parts)
 
 
 def count_anthropic_request(body: dict[str, Any]) -> int:
     """Estimated prompt tokens of an Anthropic Messages (or count_tokens) body."""
-    parts: list[str] = []
-    overhead = _collect_anthropic(body, parts)
-    return overhead + _count_parts(parts)
+    overhead, parts, _ = collect_request(body, "anthropic")
+    return overhead + count_parts(parts)
 
 
 async def count_openai_request_async(body: dict[str, Any]) -> int:
     """``count_openai_request``, in a worker thread when the text is large."""
-    parts: list[str] = []
-    overhead = _collect_openai(body, parts)
+    overhead, parts, _ = collect_request(body, "openai")
     return overhead + await _count_parts_async(parts)
 
 
 async def count_anthropic_request_async(body: dict[str, Any]) -> int:
     """``count_anthropic_request``, in a worker thread when the text is large."""
-    parts: list[str] = []
-    overhead = _collect_anthropic(body, parts)
+    overhead, parts, _ = collect_request(body, "anthropic")
     return overhead + await _count_parts_async(parts)

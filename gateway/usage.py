@@ -126,6 +126,13 @@ class UsageTracker:
         return self._usage
 
     @property
+    def needs_prompt_estimate(self) -> bool:
+        """True when ``result`` would bill input from the gateway's own count of the prompt."""
+        return not (self._final and self._usage is not None) and not (
+            self._usage is not None and self._anthropic_input_seen
+        )
+
+    @property
     def complete(self) -> bool:
         """True once the upstream's final usage arrived (OpenAI usage chunk, Anthropic message_delta)."""
         return self._final

@@ -310,7 +310,7 @@ async def test_query_strings_are_ignored_for_routing(gw: Gateway, fake: FakeUpst
         ("POST", "/v1/messages/batches", "anthropic"),
         ("GET", "/v1/messages/msg_123", "anthropic"),
         ("POST", "/v1/embeddings", "openai"),
-        ("POST", "/v1/responses?stream=true", "openai"),
+        ("POST", "/v1/responses/input_items", "openai"),
     ],
 )
 async def test_unknown_v1_routes_are_404_in_the_client_format(

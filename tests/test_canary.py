@@ -28,6 +28,8 @@ ROUTES = [
     ("anthropic", "claude-test"),
     ("anthropic", "gpt-test"),
     ("openai", "claude-test"),
+    ("responses", "deepseek-test"),
+    ("responses", "claude-test"),
 ]
 
 
@@ -142,7 +144,35 @@ def anthropic_body(c: str, model: str, *, stream: bool) -> dict[str, Any]:
     }
 
 
+def responses_body(c: str, model: str, *, stream: bool) -> dict[str, Any]:
+    """Shaped like Codex's second turn: instructions, messages, a call and its output, a custom tool."""
+    return {
+        "model": model,
+        "stream": stream,
+        "store": False,
+        "instructions": f"You are the {c} assistant.",
+        "prompt_cache_key": c,
+        "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": f"Look up {c}."}]},
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": f"about {c}"}], "encrypted_content": c},
+            {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": orjson.dumps({"q": c}).decode()},
+            {"type": "function_call_output", "call_id": "call_1", "output": f"found {c}"},
+            {"type": "custom_tool_call", "call_id": "call_2", "name": "apply_patch", "input": f"*** {c}"},
+            {"type": "custom_tool_call_output", "call_id": "call_2", "output": f"patched {c}"},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": f"Again: {c}"}]},
+        ],
+        "tools": [
+            {"type": "function", "name": "lookup", "description": f"Looks up {c}.",
+             "parameters": {"type": "object", "properties": {"q": {"type": "string", "description": c}}}},
+            {"type": "custom", "name": "apply_patch", "description": f"Patches {c}."},
+        ],
+        "client_metadata": {"note": c},
+    }
+
+
 def body_for(fmt: str, c: str, model: str, *, stream: bool) -> dict[str, Any]:
+    if fmt == "responses":
+        return responses_body(c, model, stream=stream)
     return (
         anthropic_body(c, model, stream=stream)
         if fmt == "anthropic"
@@ -162,7 +192,7 @@ def reply(c: str) -> Script:
 
 
 def path_for(fmt: str) -> str:
-    return "/v1/messages" if fmt == "anthropic" else "/v1/chat/completions"
+    return {"anthropic": "/v1/messages", "responses": "/v1/responses"}.get(fmt, "/v1/chat/completions")
 
 
 def headers_for(fmt: str, key: str) -> dict[str, str]:
@@ -238,7 +268,7 @@ async def exercise(gw: Gateway, fake: FakeUpstream, c: str) -> Client:
             assert await client.send(fmt, key, body, billed=True) == 504
         # Refused before the upstream: bad requests quoting the canary, unknown model, no credit, too big.
         bad = body_for(fmt, c, model, stream=False)
-        bad["max_tokens"] = -1
+        bad["max_output_tokens" if fmt == "responses" else "max_tokens"] = -1
         assert await client.send(fmt, key, bad, billed=False) == 400
         assert (
             await client.send(fmt, key, b'{"model": "' + c.encode() + b'", "messages": [', billed=False)
@@ -249,7 +279,16 @@ async def exercise(gw: Gateway, fake: FakeUpstream, c: str) -> Client:
         assert await client.send(fmt, key, body_for(fmt, c, c, stream=True), billed=False) == 404
         assert await client.send(fmt, broke, body_for(fmt, c, model, stream=True), billed=False) == 402
         big = body_for(fmt, c, model, stream=True)
-        big["messages"][0]["content"] = c * 3000
+        if fmt == "responses":
+            big["input"][0]["content"][0]["text"] = c * 3000
+            # Stateful requests quote the canary back to no one: refused before anything is held.
+            assert await client.send(fmt, key, {**bad, "max_output_tokens": 5, "store": True}, billed=False) == 400
+            assert await client.send(fmt, key, {**bad, "max_output_tokens": 5, "previous_response_id": c}, billed=False) == 400
+            compact = {**body_for(fmt, c, model, stream=False), "stream": None}
+            del compact["stream"]
+            assert await client.send(fmt, key, compact, path="/v1/responses/compact", billed=True) == 200
+        else:
+            big["messages"][0]["content"] = c * 3000
         assert await client.send(fmt, key, big, billed=False) == 413
     count = "/v1/messages/count_tokens"
     assert (

@@ -152,6 +152,7 @@ async def test_claude_code_first_turn_on_an_alias_reaches_deepseek_valid_and_ans
         "<system-reminder>\nAvailable agent types: general-purpose\n</system-reminder>"
     )
     assert up["thinking"] == {"type": "enabled"}  # adaptive thinking -> DeepSeek's thinking mode
+    assert up["reasoning_effort"] == "high"  # output_config.effort, on DeepSeek's own ladder
     names = [t["function"]["name"] for t in up["tools"]]
     assert "web_search" not in names and len(names) == 23  # the server tool is dropped, not refused
     text = orjson.dumps(up).decode()
@@ -258,10 +259,12 @@ async def test_same_format_forwards_betas_and_fields_unchanged_but_not_the_devic
 ) -> None:
     key = await gw.funded_key(100)
     body = claude_code_body("claude-big", stream=False)
-    status, raw, _ = await post_anthropic(gw, key, body, **CC_HEADERS)
+    status, raw, _ = await post_anthropic(gw, key, body, **CC_HEADERS, **{"anthropic-workspace-id": "wrk_1"})
     assert status == 200, raw
     sent = fake.requests[-1]
     assert sent.headers["anthropic-beta"] == CC_HEADERS["anthropic-beta"]
+    assert sent.headers["anthropic-workspace-id"] == "wrk_1"  # every anthropic-* header, an open list
+    assert sent.headers.getall("anthropic-version") == ["2023-06-01"]
     up = sent.body
     for field in ("system", "messages", "tools", "thinking", "output_config", "context_management"):
         assert up[field] == body[field]
@@ -442,7 +445,7 @@ def test_claude_code_shaped_bodies_translate_for_every_capability() -> None:
         out = anthropic_to_openai_request(body, upstream_model="m", max_tokens=8192, capabilities=caps)
         assert body == before  # pure: the client's body is not touched
         assert [m["role"] for m in out["messages"]] == ["system", "user"]
-        assert ("reasoning_effort" in out) == (caps.reasoning == "openai")
+        assert ("reasoning_effort" in out) == (caps.reasoning != "none")
         assert ("thinking" in out) == (caps.reasoning == "deepseek")
 
 
@@ -469,3 +472,28 @@ async def test_a_deepseek_reasoning_tool_call_round_trips_through_claude_codes_h
     status, raw, _ = await post_anthropic(gw, key, body, **CC_HEADERS)
     assert status == 200, raw
     assert fake.requests[-1].body["messages"][2]["reasoning_content"] == "need the file"
+
+
+@pytest.mark.parametrize(
+    ("thinking", "effort", "deepseek", "openai_style"),
+    [
+        ({"type": "adaptive"}, "max", {"thinking": {"type": "enabled"}, "reasoning_effort": "max"}, {"reasoning_effort": "high"}),
+        ({"type": "enabled", "budget_tokens": 2000}, None, {"thinking": {"type": "enabled"}, "reasoning_effort": "low"}, {"reasoning_effort": "low"}),
+        ({"type": "enabled", "budget_tokens": 31999}, None, {"thinking": {"type": "enabled"}, "reasoning_effort": "high"}, {"reasoning_effort": "high"}),
+        ({"type": "adaptive"}, None, {"thinking": {"type": "enabled"}}, {"reasoning_effort": "high"}),
+        ({"type": "disabled"}, None, {"thinking": {"type": "disabled"}}, {}),
+        (None, "low", {"reasoning_effort": "low"}, {"reasoning_effort": "low"}),
+        (None, None, {}, {}),
+    ],
+)
+def test_reasoning_controls_per_upstream_style(thinking: Any, effort: Any, deepseek: Any, openai_style: Any) -> None:
+    from gateway.translate.thinking import openai_reasoning
+
+    body: dict[str, Any] = {}
+    if thinking:
+        body["thinking"] = thinking
+    if effort:
+        body["output_config"] = {"effort": effort}
+    assert openai_reasoning(body, "deepseek") == deepseek
+    assert openai_reasoning(body, "openai") == openai_style
+    assert openai_reasoning(body, "none") == {}

@@ -33,7 +33,10 @@ def fit_thinking_budget(req: dict[str, Any], asked: int, max_tokens: int, betas:
         req["thinking"] = {**thinking, "budget_tokens": new_budget}
 
 
-_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high", "xhigh": "high"}
+# What each style accepts as an effort. DeepSeek takes the whole ladder (it maps minimal/low to low,
+# medium/high/xhigh to high, max/ultra to max); OpenAI's reasoning_effort stops at high.
+_DEEPSEEK_EFFORTS = ("minimal", "low", "medium", "high", "xhigh", "max", "ultra")
+_OPENAI_EFFORTS = {"minimal": "minimal", "low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 
 
 def _effort_from_budget(budget: Any) -> str:
@@ -48,23 +51,27 @@ def _effort_from_budget(budget: Any) -> str:
 
 def openai_reasoning(body: dict[str, Any], style: str) -> dict[str, Any]:
     """Anthropic ``thinking`` and ``output_config.effort`` -> the upstream's fields for ``style``:
-    ``deepseek`` (its thinking switch), ``openai`` (``reasoning_effort``), else nothing."""
+    ``deepseek`` (its ``thinking`` switch plus ``reasoning_effort``), ``openai``
+    (``reasoning_effort``), else nothing."""
     if style == "none":
         return {}
     thinking = body.get("thinking")
     thinking = thinking if isinstance(thinking, dict) else {}
     kind = thinking.get("type")
     config = body.get("output_config")
-    effort_asked = config.get("effort") if isinstance(config, dict) else None
-    effort = _EFFORTS.get(effort_asked) if isinstance(effort_asked, str) else None
-    if kind in ("enabled", "adaptive"):
-        if effort is None:
-            effort = _effort_from_budget(thinking.get("budget_tokens")) if kind == "enabled" else "high"
-        if style == "deepseek":
-            return {"thinking": {"type": "enabled"}}
-        return {"reasoning_effort": effort}
+    asked = config.get("effort") if isinstance(config, dict) else None
     if kind == "disabled":
         return {"thinking": {"type": "disabled"}} if style == "deepseek" else {}
-    if effort is not None and style == "openai":
-        return {"reasoning_effort": effort}
-    return {}
+    if kind in ("enabled", "adaptive") and not isinstance(asked, str):
+        asked = _effort_from_budget(thinking.get("budget_tokens")) if kind == "enabled" else None
+    out: dict[str, Any] = {}
+    if style == "deepseek":
+        if kind in ("enabled", "adaptive"):
+            out["thinking"] = {"type": "enabled"}
+        if asked in _DEEPSEEK_EFFORTS:
+            out["reasoning_effort"] = asked
+    elif isinstance(asked, str) and asked in _OPENAI_EFFORTS:
+        out["reasoning_effort"] = _OPENAI_EFFORTS[asked]
+    elif kind in ("enabled", "adaptive"):
+        out["reasoning_effort"] = "high"
+    return out

@@ -389,7 +389,7 @@ def _thinking_mode(body: dict[str, Any]) -> bool:
     return "reasoner" in model or (isinstance(thinking, dict) and thinking.get("type") == "enabled")
 
 
-def _openai_problem(body: dict[str, Any]) -> str:
+def openai_request_problem(body: dict[str, Any]) -> str:
     """The real rules an OpenAI-format upstream enforces that a translating gateway can break."""
     for i, m in enumerate(body["messages"]):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
@@ -405,11 +405,12 @@ def _openai_problem(body: dict[str, Any]) -> str:
     return ""
 
 
-def _anthropic_problem(request: web.Request, body: dict[str, Any]) -> str:
+def anthropic_request_problem(request: web.Request, body: dict[str, Any]) -> str:
     betas = request.headers.get("anthropic-beta", "")
     for i, m in enumerate(body["messages"]):
         role = m.get("role") if isinstance(m, dict) else None
-        if role not in ("user", "assistant") and not (role == "system" and "mid-conversation-system" in betas):
+        # Claude Code 2.1 sends system messages under its mid-conversation-* betas.
+        if role not in ("user", "assistant") and not (role == "system" and "mid-conversation-" in betas):
             return f"messages.{i}.role: Input should be 'user' or 'assistant'"
     thinking = body.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "enabled":
@@ -590,7 +591,7 @@ class FakeUpstream:
             return self._error(api, 400, None, "messages: field required", ())
         if api == "anthropic" and not isinstance(body.get("max_tokens"), int):
             return self._error(api, 400, None, "max_tokens: field required", ())
-        problem = _anthropic_problem(request, body) if api == "anthropic" else _openai_problem(body)
+        problem = anthropic_request_problem(request, body) if api == "anthropic" else openai_request_problem(body)
         if problem:
             return self._error(api, 400, None, problem, ())
         return None
