@@ -15,7 +15,7 @@ from ledger.ledger import Ledger
 from ledger.spool import Spool, recover_orphans
 
 from .metrics import Metrics
-from .proxy import Proxy
+from .proxy import Counted, Proxy
 
 __all__ = ["ORPHANS_EVERY_S", "keep_settlements", "shutdown_budget"]
 
@@ -39,6 +39,7 @@ async def keep_settlements(
     loop = asyncio.get_running_loop()
     tick = min(1.0, progress_every_s)
     next_progress = next_orphans = loop.time()
+    counted: dict[str, Counted] = {}  # request_id -> what its last note counted
     while True:
         await asyncio.sleep(tick)
         now = loop.time()
@@ -51,7 +52,13 @@ async def keep_settlements(
             metrics.spool_pending = len(spool.pending)
             if now >= next_progress:
                 next_progress = now + progress_every_s
-                notes = [await proxy.bill(ex, status="interrupted") for ex in list(proxy.exchanges.values())]
+                notes = []
+                live = dict(proxy.exchanges)
+                for req, ex in live.items():
+                    note, counted[req] = await proxy.progress_note(ex, counted.get(req, (0, 0, "")))
+                    notes.append(note)
+                for req in counted.keys() - live.keys():
+                    del counted[req]
                 await asyncio.to_thread(spool.write_live, notes)
             if now >= next_orphans:
                 next_orphans = now + ORPHANS_EVERY_S

@@ -32,6 +32,7 @@ from ledger.money import iso_ms
 from ledger.spool import Spool, Spooled
 
 from . import errors as E
+from . import tokens
 from .appkeys import REQUEST_ID
 from .auth import REVOKED, KeyCache, authenticate_cached
 from .estimate import PromptEstimate
@@ -83,6 +84,19 @@ class Exchange:
     def upstream_fmt(self) -> str:
         return self.model.provider.format
 
+
+
+Counted = tuple[int, int, str]
+
+
+def _word_boundary(text: str, *, longest_word: int = 2048) -> int:
+    """Where `text` may be cut so that counting both sides adds up to counting the whole: before the
+    last whitespace that follows a non-space (the tokenizer's words start with their space). A text
+    without one is cut at its end once it is long (CJK), overcounting by a token at most."""
+    for i in range(len(text) - 1, 0, -1):
+        if text[i].isspace() and not text[i - 1].isspace():
+            return i
+    return len(text) if len(text) > longest_word else 0
 
 
 def _amount(micro: int) -> str:
@@ -431,6 +445,24 @@ class Proxy:
             prompt = await ex.prompt.exact() if ex.tracker.needs_prompt_estimate else 0
             usage, estimated = await ex.tracker.result_async(prompt)
         return self._bill(ex, usage, estimated, status)
+
+    async def progress_note(self, ex: Exchange, counted: Counted) -> tuple[Spooled, Counted]:
+        """What a live stream would be billed if its process died now (status `interrupted`).
+        Counts only the output since the previous note: `counted` = (pieces read, tokens counted,
+        the text after the last word boundary, not counted yet: a token may straddle two pieces)."""
+        pieces, output, carry = counted
+        usage, estimated = Usage(), False
+        if ex.produced or ex.tracker.usage is not None:
+            text, pieces = ex.tracker.pieces_after(pieces)
+            text = carry + text
+            cut = _word_boundary(text)
+            if cut:
+                output += await tokens.count_text_async(text[:cut])
+            carry = text[cut:]
+            tail = tokens.count_text(carry) if carry else 0
+            prompt = await ex.prompt.exact() if ex.tracker.needs_prompt_estimate else 0
+            usage, estimated = ex.tracker.result_given(prompt, output + tail)
+        return self._bill(ex, usage, estimated, "interrupted"), (pieces, output, carry)
 
     def bill_now(self, ex: Exchange, *, status: str | None = None) -> Spooled:
         """`bill` without leaving the loop (the output is counted here): for a cancelled settlement."""

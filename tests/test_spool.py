@@ -3,6 +3,7 @@ process dies (spooled settlements first, then the live streams' progress notes).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -113,3 +114,41 @@ async def test_settle_refused_by_a_lost_ledger_raises_ledger_lost(ledger: Ledger
     await hide_epoch(ledger)
     with pytest.raises(LedgerLost):
         await ledger.settle(acct, req, 1, metering=metering(req, ""))
+
+
+async def test_live_streams_are_noted_as_they_go_and_counted_piece_by_piece(
+    redis_client, clean_keyspace, tmp_path: Path
+) -> None:
+    from gateway import tokens
+    from gateway.appkeys import PROXY
+    from tests.fakes.upstream import FakeUpstream, Script
+    from tests.gateway_harness import running_gateway
+
+    text = "alpha beta gamma delta " * 30
+    async with FakeUpstream(Script(text=text, text_chunks=60, chunk_delay_s=0.05, usage=None)) as fake:
+        async with running_gateway(redis_client, clean_keyspace, tmp_path, fake, progress_every_s=0.2) as gw:
+            key = await gw.funded_key(10)
+            spool = gw.app[PROXY].spool
+            assert spool is not None
+            body = {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+            seen: list[int] = []
+            async with gw.http.post(
+                gw.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+            ) as r:
+                request_id = r.headers["x-request-id"]
+                while not r.content.at_eof():
+                    await r.content.readany()
+                    if spool.live_path.exists():
+                        notes = orjson.loads(spool.live_path.read_bytes())
+                        if notes:
+                            assert [n["request_id"] for n in notes] == [request_id]
+                            assert notes[0]["metering"]["status"] == "interrupted"
+                            seen.append(notes[0]["metering"]["output_tokens"])
+            assert seen and seen == sorted(seen) and 0 < seen[-1] <= tokens.count_text(text)
+            rows = await gw.settled(1)
+            assert rows[0]["status"] == "ok" and rows[0]["output_tokens"] >= seen[-1]
+            for _ in range(50):  # the next note no longer lists the finished stream
+                if not spool.live_path.exists():
+                    break
+                await asyncio.sleep(0.05)
+            assert not spool.live_path.exists()
