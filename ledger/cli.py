@@ -55,6 +55,7 @@ class Ctx:
     environ: Mapping[str, str] = field(default_factory=dict)
 
     async def ledger(self) -> Ledger:
+        opened = self._redis is not None
         if self._redis is None:
             try:
                 url = self.config.resolve_redis_url()
@@ -65,11 +66,12 @@ class Ctx:
                 await self._redis.ping()
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 raise Refused("cannot reach the ledger's Redis (check REDIS_URL)") from None
-            ledger = Ledger(self._redis, self.config.keyspace, done_ttl_s=self.config.done_ttl_s)
+        ledger = Ledger(self._redis, self.config.keyspace, done_ttl_s=self.config.done_ttl_s)
+        if not opened:
             # A new ledger gets its epoch markers here; a lost one stays lost (commands refuse with
             # LedgerLost, `rebuild` restores it).
             await open_ledger(ledger, history_in(self.store()))
-        return Ledger(self._redis, self.config.keyspace, done_ttl_s=self.config.done_ttl_s)
+        return ledger
 
     def store(self) -> Store:
         if self._store is None:
