@@ -1,4 +1,5 @@
-"""``python -m gateway serve`` (the web process) and ``python -m gateway worker`` (journal, expiry, sweeps)."""
+"""``python -m gateway serve`` (the web process), ``python -m gateway worker`` (journal, expiry, sweeps) and
+``python -m gateway payments ...`` (the operators' Omise commands: refund, sync-omise)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,24 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     # aiohttp's access log prints the full request line (query strings included): ours logs ids only.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def startup_warnings(settings: Settings) -> list[str]:
+    """What an operator must not miss: said loudly at start-up (stderr and the log)."""
+    out = []
+    if settings.requested_host is not None:
+        out.append(
+            f"HOST={settings.requested_host} ignored: the embedded default (no REDIS_URL) has a demo "
+            "sign-in and play credit, so it listens on 127.0.0.1 only. Set REDIS_URL and SESSION_SECRET "
+            "to serve other machines."
+        )
+    if settings.omise_enabled and not settings.omise_webhook_secret:
+        out.append(
+            "OMISE_WEBHOOK_SECRET is not set: Omise webhook events are accepted unsigned (each forged "
+            "post costs a call to Omise). Copy the webhook secret from Omise's dashboard "
+            "(Settings > Webhooks) into OMISE_WEBHOOK_SECRET."
+        )
+    return out
 
 
 def _banner(settings: Settings, app: web.Application, port: int) -> None:
@@ -53,16 +72,20 @@ def _banner(settings: Settings, app: web.Application, port: int) -> None:
 async def serve(settings: Settings) -> None:
     from .app import create_app
     from .durability import shutdown_budget
+    from .server import GatewayRunner
 
     app = create_app(settings)
     # handler_cancellation: a client that goes away cancels its handler at once, which aborts the
     # upstream request; the bill is settled in the handler's finally.
     _, handler_s = shutdown_budget(settings.shutdown_grace_s)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=handler_s, access_log=None)
+    runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=handler_s, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else settings.port
+    for warning in startup_warnings(settings):
+        log.warning("%s", warning)
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     if settings.embedded:
         _banner(settings, app, port)
     else:
@@ -121,10 +144,15 @@ def check_worker(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["payments"]:
+        from .payments.ops import main as payments_main
+
+        return payments_main(raw[1:])
     parser = argparse.ArgumentParser(prog="python -m gateway")
-    parser.add_argument("command", choices=["serve", "worker"])
+    parser.add_argument("command", choices=["serve", "worker", "payments"])
     parser.add_argument("--check", action="store_true", help="worker: exit 0 if the running worker is healthy")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(raw)
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as e:

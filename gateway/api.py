@@ -12,10 +12,11 @@ from ledger.epoch import is_whole
 from ledger.money import iso_ms
 
 from . import errors as E
-from .appkeys import LEDGER, METRICS, PROXY, REGISTRY
+from .appkeys import COUNT_SLOTS, LEDGER, METRICS, PROXY, REGISTRY, SETTINGS
 from .auth import authenticate
 from .estimate import estimate_prompt
 from .jsonbody import read_json_object
+from .limits import check_metrics_access
 from .proxy import Proxy
 
 __all__ = ["api_routes"]
@@ -74,8 +75,14 @@ async def balance(request: web.Request) -> web.Response:
 
 
 async def count_tokens(request: web.Request) -> web.Response:
-    await authenticate(request, request.app[LEDGER])
-    body = await read_json_object(request)
+    key = await authenticate(request, request.app[LEDGER])
+    # Free to the caller, so limited on its own: a smaller body cap and a few at a time per key.
+    with request.app[COUNT_SLOTS].slot(key.key_id):
+        return await _count_tokens(request)
+
+
+async def _count_tokens(request: web.Request) -> web.Response:
+    body = await read_json_object(request, max_bytes=request.app[SETTINGS].count_tokens_max_bytes)
     model = body.get("model")
     if not isinstance(model, str) or request.app[REGISTRY].get(model) is None:
         raise E.NotFound(f"Model {model!r} is not available here; GET /v1/models lists the models.", param="model")
@@ -102,6 +109,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    check_metrics_access(request, request.app[SETTINGS].metrics_token)
     return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 

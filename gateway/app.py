@@ -21,14 +21,29 @@ from ledger.store import Store
 
 from . import tokens
 from .api import api_routes
-from .appkeys import BACKGROUND, DEMO, HTTP, LEDGER, METRICS, PROXY, REDIS, REGISTRY, SETTINGS, STORE
+from .appkeys import (
+    AUTH_THROTTLE,
+    BACKGROUND,
+    COUNT_SLOTS,
+    DEMO,
+    HTTP,
+    LEDGER,
+    METRICS,
+    PROXY,
+    REDIS,
+    REGISTRY,
+    SETTINGS,
+    STORE,
+)
 from .demo import demo_routes
 from .durability import keep_settlements, shutdown_budget
+from .limits import AuthThrottle, KeySlots
 from .metrics import Metrics
 from .middlewares import error_middleware
 from .models import Registry, load_registry
 from .payments import setup_payments
 from .proxy import Proxy
+from .server import quiet_aiohttp_loggers
 from .settings import Settings
 from .web import setup_web
 
@@ -49,11 +64,13 @@ def create_app(
     clock: Callable[[], float] | None = None,
 ) -> web.Application:
     """Build the app. Tests pass their own Redis client (own key prefix) and a registry of fakes."""
+    quiet_aiohttp_loggers()  # aiohttp's own log records lose anything that could quote a request
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[REGISTRY] = registry or _registry(settings)
     app[METRICS] = Metrics()
     app[BACKGROUND] = set()
+    app[COUNT_SLOTS] = KeySlots(settings.count_tokens_concurrency)
     internal_token = secrets.token_urlsafe(24)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -73,6 +90,14 @@ def create_app(
         keyspace = Keyspace(prefix=settings.ledger_prefix, shards=settings.ledger_shards)
         app[LEDGER] = Ledger(
             client, keyspace, done_ttl_s=settings.ledger_done_ttl_s, **({"clock": clock} if clock else {})
+        )
+        app[AUTH_THROTTLE] = AuthThrottle(
+            client,
+            keyspace,
+            app[METRICS],
+            limit=settings.auth_failure_limit,
+            window_s=settings.auth_failure_window_s,
+            forwarded_hops=settings.forwarded_hops,
         )
         await app[LEDGER].load_scripts()
         app[STORE] = Store(str(settings.database_path))

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from ledger.ledger import Ledger
 from ledger.store import Store
 
+from .limits import AuthThrottle, KeySlots
 from .metrics import Metrics
 from .models import Registry
 from .settings import Settings
@@ -20,7 +21,9 @@ if TYPE_CHECKING:
     from .proxy import Proxy
 
 __all__ = [
+    "AUTH_THROTTLE",
     "BACKGROUND",
+    "COUNT_SLOTS",
     "DEMO",
     "HTTP",
     "LEDGER",
@@ -47,5 +50,7 @@ PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
 BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
 # Embedded default only: the demo account and its freshly issued key, for the start-up banner.
 DEMO = web.AppKey("demo", tuple[str, str])
+AUTH_THROTTLE = web.AppKey("auth_throttle", AuthThrottle)
+COUNT_SLOTS = web.AppKey("count_slots", KeySlots)
 # Per request: the id of its metering row, sent back as x-request-id.
 REQUEST_ID = web.RequestKey("request_id", str)

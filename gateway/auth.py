@@ -8,6 +8,7 @@ from ledger.keys import API_KEY_PREFIX, hash_api_key
 from ledger.ledger import KeyRef, Ledger
 
 from . import errors as E
+from .appkeys import AUTH_THROTTLE
 
 __all__ = ["KeyCache", "api_key_from", "authenticate", "authenticate_cached"]
 
@@ -36,11 +37,21 @@ def _key_of(request: web.Request) -> str:
     return key
 
 
+async def _refused(request: web.Request, err: E.Unauthorized) -> E.GatewayError:
+    """A 401 counts toward the address's throttle; past its limit the answer is a 429 instead."""
+    throttled = await request.app[AUTH_THROTTLE].failed(request)
+    return throttled or err
+
+
 async def authenticate(request: web.Request, ledger: Ledger) -> KeyRef:
     """One Redis round trip: the key's hash resolves to its account, or to nothing once revoked."""
-    ref = await ledger.lookup_key(_key_of(request))
-    if ref is None:
-        raise E.Unauthorized(REVOKED)
+    request.app[AUTH_THROTTLE].check(request)
+    try:
+        ref = await ledger.lookup_key(_key_of(request))
+        if ref is None:
+            raise E.Unauthorized(REVOKED)
+    except E.Unauthorized as err:
+        raise await _refused(request, err) from None
     return ref
 
 
@@ -70,12 +81,16 @@ class KeyCache:
 
 async def authenticate_cached(request: web.Request, ledger: Ledger, cache: KeyCache) -> tuple[KeyRef, str]:
     """For the metered routes only: (KeyRef, key hash); the caller must reserve with the hash."""
-    key = _key_of(request)
-    key_hash = hash_api_key(key)
-    ref = cache.get(key_hash)
-    if ref is None:
-        ref = await ledger.lookup_key(key)
+    request.app[AUTH_THROTTLE].check(request)
+    try:
+        key = _key_of(request)
+        key_hash = hash_api_key(key)
+        ref = cache.get(key_hash)
         if ref is None:
-            raise E.Unauthorized(REVOKED)
-        cache.put(key_hash, ref)
+            ref = await ledger.lookup_key(key)
+            if ref is None:
+                raise E.Unauthorized(REVOKED)
+            cache.put(key_hash, ref)
+    except E.Unauthorized as err:
+        raise await _refused(request, err) from None
     return ref, key_hash

@@ -9,12 +9,19 @@ from aiohttp import web
 
 from . import errors as E
 
-__all__ = ["read_json_object"]
+__all__ = ["MAX_JSON_DEPTH", "read_json_object"]
 
 
-async def read_json_object(request: web.Request, *, required: bool = True) -> dict[str, Any]:
-    """The body as a dict. Empty: 400 when required, else {}. aiohttp enforces MAX_BODY_BYTES (413)."""
+async def read_json_object(
+    request: web.Request, *, required: bool = True, max_bytes: int | None = None
+) -> dict[str, Any]:
+    """The body as a dict. Empty: 400 when required, else {}. aiohttp enforces MAX_BODY_BYTES (413);
+    ``max_bytes`` is a smaller cap of a route's own, checked before the body is read or parsed."""
+    if max_bytes is not None and (request.content_length or 0) > max_bytes:
+        raise E.PayloadTooLarge(f"Request body exceeds this route's {max_bytes} byte limit.")
     raw = await request.read()
+    if max_bytes is not None and len(raw) > max_bytes:  # sent chunked, without a Content-Length
+        raise E.PayloadTooLarge(f"Request body exceeds this route's {max_bytes} byte limit.")
     if not raw:
         if required:
             raise E.BadRequest("Request body is empty; send a JSON object.")
@@ -25,4 +32,25 @@ async def read_json_object(request: web.Request, *, required: bool = True) -> di
         raise E.BadRequest("Request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise E.BadRequest("Request body must be a JSON object.")
+    if _too_deep(body):
+        # Token counting and translation walk the body recursively: far past any real request's
+        # nesting they would hit Python's recursion limit (a 500).
+        raise E.BadRequest(f"Request body is nested more than {MAX_JSON_DEPTH} levels deep.")
     return body
+
+
+MAX_JSON_DEPTH = 64
+
+
+def _too_deep(root: dict[str, Any]) -> bool:
+    level: list[Any] = [root]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True

@@ -52,9 +52,14 @@ class Metrics:
         self.replayed = 0
         self.interrupted = 0
         self.spool_pending = 0
+        self.auth_failures: defaultdict[tuple[tuple[str, str], ...], int] = defaultdict(int)
 
     def request(self, route: str, status: int) -> None:
         self.requests[(("route", route), ("status", str(status)))] += 1
+
+    def auth_failure(self, outcome: str) -> None:
+        """outcome: rejected (a 401, counted toward the throttle) or throttled (a 429 instead)."""
+        self.auth_failures[(("outcome", outcome),)] += 1
 
     def upstream(self, provider: str, first_byte_s: float, total_s: float) -> None:
         self.ttfb[(("provider", provider),)].observe(first_byte_s)
@@ -103,4 +108,9 @@ class Metrics:
             ("gateway_spool_pending", "gauge", "Settlements in this process's spool, waiting for the ledger.", self.spool_pending),
         ):
             out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        counter(
+            "gateway_auth_failures_total",
+            "Failed API key authentications: rejected (401) and throttled (429, too many per address).",
+            self.auth_failures,
+        )
         return "\n".join(out) + "\n"

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -138,6 +140,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             E.ServiceUnavailable("The ledger is briefly unavailable; nothing was charged. Retry shortly."),
             request_id,
         )
+    except (HttpProcessingError, RequestPayloadError) as exc:
+        # The body's framing or Content-Encoding broke while a handler read it (a gzip header on a body
+        # that is not gzip, bad chunked encoding): the client's fault. The message quotes the bytes.
+        log.info("unreadable request body error=%s request_id=%s", type(exc).__name__, request_id)
+        response = render_error(
+            client_format(request.path),
+            E.BadRequest("The request body could not be read: its framing or Content-Encoding is broken."),
+            request_id,
+        )
+        # The rest of the body is unreadable too: say the connection ends here, or the client would
+        # send its next request on a connection aiohttp is about to drop.
+        response.force_close()
     except Exception as exc:
         # SECURITY: an exception's message may quote request data; log its type and where it was
         # raised, never its message or locals.
@@ -147,5 +161,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     if not response.prepared:
         response.headers.setdefault("x-request-id", request_id)
+        if "Content-Encoding" in request.headers and not request.content.is_eof():
+            # aiohttp drains an unread body after the response and drops the connection if it cannot
+            # be decoded: announce the close, or a client reuses the connection and loses a request.
+            response.force_close()
     metrics.request(route, response.status)
     return response

@@ -455,7 +455,7 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
 def _decode_object(raw: bytes) -> dict[str, Any] | None:
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past any event
         return None
     return obj if isinstance(obj, dict) else None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,15 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise ConfigError(f"{name} must be positive")
     return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _amount(env: Mapping[str, str], name: str, default: str) -> int:
@@ -103,6 +113,13 @@ class Settings:
     # The worker: how often it runs reconcile, and the port of its /metrics (0: none).
     reconcile_every_s: float = 300.0
     worker_metrics_port: int = 0
+    count_tokens_max_bytes: int = 4 * 1024 * 1024
+    count_tokens_concurrency: int = 2
+    auth_failure_limit: int = 20
+    auth_failure_window_s: int = 60
+    forwarded_hops: int = 0  # trusted proxies in front (X-Forwarded-For), for the 401 throttle
+    metrics_token: str | None = field(default=None, repr=False)
+    requested_host: str | None = None  # HOST as set, when the embedded default overrode it
     # The upstream environment (api keys named by the models file), captured once.
     provider_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -127,6 +144,11 @@ class Settings:
         host = env.get("HOST") or "127.0.0.1"
         port = _int(env, "PORT", 8080, minimum=0)
         redis_url = env.get("REDIS_URL") or None
+        requested_host = None
+        if redis_url is None and not _is_loopback(host):
+            # SECURITY: the embedded default has a demo sign-in and play credit; it never listens
+            # beyond this machine, whatever HOST says (the Procfile's web line sets 0.0.0.0).
+            requested_host, host = host, "127.0.0.1"
         raw_secret = env.get("SESSION_SECRET")
         if raw_secret:
             session_secret = raw_secret.encode()
@@ -179,5 +201,12 @@ class Settings:
             progress_every_s=_float(env, "PROGRESS_EVERY_S", 5.0),
             reconcile_every_s=_float(env, "RECONCILE_EVERY_S", 300.0),
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 0),
+            count_tokens_max_bytes=_int(env, "COUNT_TOKENS_MAX_BYTES", 4 * 1024 * 1024, minimum=1024),
+            count_tokens_concurrency=_int(env, "COUNT_TOKENS_CONCURRENCY", 2, minimum=1),
+            auth_failure_limit=_int(env, "AUTH_FAILURE_LIMIT", 20, minimum=1),
+            auth_failure_window_s=_int(env, "AUTH_FAILURE_WINDOW_S", 60, minimum=1),
+            forwarded_hops=_int(env, "FORWARDED_HOPS", 0),
+            metrics_token=env.get("METRICS_TOKEN") or None,
+            requested_host=requested_host,
             provider_env=dict(env),
         )

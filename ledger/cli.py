@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
 import os
 import signal
@@ -12,15 +11,17 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MovedError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import keys as K
 from .config import ConfigError, LedgerConfig
 from .epoch import history_in, open_ledger
 from .errors import LedgerError, LedgerLost
@@ -31,7 +32,7 @@ from .rebuild import RebuildRefused, rebuild, repair
 from .reconcile import drain_all, reconcile
 from .store import METERING_COLUMNS, Store
 
-__all__ = ["build_parser", "main"]
+__all__ = ["EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "BadUsage", "CliParser", "Ctx", "Refused", "build_parser", "id_arg", "main", "run_cli"]
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -51,7 +52,7 @@ class Ctx:
     out: TextIO
     _redis: aioredis.Redis | None = None
     _store: Store | None = None
-    # The environment the command runs in (the Omise commands read OMISE_* from it).
+    # The environment the command runs in (`python -m gateway payments` reads OMISE_* from it).
     environ: Mapping[str, str] = field(default_factory=dict)
 
     async def ledger(self) -> Ledger:
@@ -102,23 +103,47 @@ class Ctx:
 # ----- commands ---------------------------------------------------------------------------------
 
 
+def id_arg(kind: str, ident: str) -> str:
+    """An id from the command line: one of the wrong shape names nothing, like an unknown one."""
+    try:
+        K.shard_of(ident)
+    except ValueError:
+        ident = ""
+    if not ident.startswith(f"{kind}_"):
+        raise Refused({"acc": "no such account", "key": "no such live key", "bkt": "no such bucket"}[kind])
+    return ident
+
+
 async def cmd_account_create(ctx: Ctx, a: argparse.Namespace) -> int:
     ledger = await ctx.ledger()
-    account_id, created = await ledger.create_account(a.email)
-    ctx.audit("account.create", account_id, {"created": created}, ledger.now_ms())
+    account_id, created = await ledger.create_account(a.email, reference=a.ref or None)
+    detail: dict[str, Any] = {"created": created}
+    if a.ref:
+        detail["ref"] = a.ref
+    ctx.audit("account.create", account_id, detail, ledger.now_ms())
     ctx.emit({"account_id": account_id})
     return EXIT_OK
 
 
 async def cmd_key_create(ctx: Ctx, a: argparse.Namespace) -> int:
+    account = id_arg("acc", a.account)
     ledger = await ctx.ledger()
-    new = await ledger.create_key(a.account)
-    ctx.audit("key.create", a.account, {"key_id": new.key_id, "prefix": new.prefix}, ledger.now_ms())
-    ctx.emit({"key_id": new.key_id, "key": new.key})
+    new = await ledger.create_key(account, reference=a.ref or None)
+    detail: dict[str, Any] = {"key_id": new.key_id, "prefix": new.prefix}
+    if a.ref:
+        detail.update(ref=a.ref, created=new.created)
+    ctx.audit("key.create", account, detail, ledger.now_ms())
+    if not new.created:
+        sys.stderr.write(
+            f"key {new.key_id} was made by an earlier run with this --ref; its key was shown then "
+            f"(`key renew {new.key_id}` gives a new one)\n"
+        )
+    ctx.emit({"key_id": new.key_id, "key": new.key or None})
     return EXIT_OK
 
 
 async def cmd_key_renew(ctx: Ctx, a: argparse.Namespace) -> int:
+    id_arg("key", a.key_id)
     ledger = await ctx.ledger()
     account = await ledger.key_account(a.key_id)
     new = await ledger.rotate_key(a.key_id)
@@ -133,6 +158,7 @@ async def cmd_key_renew(ctx: Ctx, a: argparse.Namespace) -> int:
 
 
 async def cmd_key_revoke(ctx: Ctx, a: argparse.Namespace) -> int:
+    id_arg("key", a.key_id)
     ledger = await ctx.ledger()
     account = await ledger.revoke_key(a.key_id)
     ctx.audit("key.revoke", account, {"key_id": a.key_id}, ledger.now_ms())
@@ -147,10 +173,16 @@ async def cmd_grant(ctx: Ctx, a: argparse.Namespace) -> int:
         raise BadUsage(f"AMOUNT: {exc}") from None
     if a.expires_in <= 0:
         raise BadUsage("--expires-in must be a positive number of seconds")
+    account = id_arg("acc", a.account)
     ledger = await ctx.ledger()
-    credit = await ledger.credit(
-        a.account, amount, reference=f"grant_{uuid.uuid4().hex}", source="grant", life_s=a.expires_in
-    )
+    # With --ref a retried grant finds the first one's bucket (credit references are idempotent,
+    # and a rebuild restores them): it credits once.
+    reference = f"grant:{account}:{a.ref}" if a.ref else f"grant_{uuid.uuid4().hex}"
+    credit = await ledger.credit(account, amount, reference=reference, source="grant", life_s=a.expires_in)
+    if not credit.created and credit.amount_micro != amount:
+        raise Refused(
+            f"--ref {a.ref} already granted {credit.amount_micro} micro-units (bucket {credit.bucket_id})"
+        )
     detail: dict[str, Any] = {
         "bucket_id": credit.bucket_id,
         "amount_micro": credit.amount_micro,
@@ -158,7 +190,9 @@ async def cmd_grant(ctx: Ctx, a: argparse.Namespace) -> int:
     }
     if a.reason:
         detail["reason"] = a.reason
-    ctx.audit("grant", a.account, detail, ledger.now_ms())
+    if a.ref:
+        detail.update(ref=a.ref, created=credit.created)
+    ctx.audit("grant", account, detail, ledger.now_ms())
     ctx.emit(
         {
             "bucket_id": credit.bucket_id,
@@ -170,8 +204,9 @@ async def cmd_grant(ctx: Ctx, a: argparse.Namespace) -> int:
 
 
 async def cmd_balance(ctx: Ctx, a: argparse.Namespace) -> int:
+    account = id_arg("acc", a.account)
     ledger = await ctx.ledger()
-    bal = await ledger.balance(a.account)
+    bal = await ledger.balance(account)
     now = ledger.now_ms()
     ctx.emit(
         {
@@ -293,31 +328,7 @@ async def cmd_worker(ctx: Ctx, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ----- Omise: top-ups and refunds ---------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def _payments(ctx: Ctx) -> AsyncIterator[Any]:
-    """The gateway's Payments service over this ledger, talking to Omise with OMISE_SECRET_KEY."""
-    import aiohttp
-
-    from gateway.omise_api import OMISE_API_BASE, OmiseClient
-    from gateway.payments.service import Payments
-
-    secret = ctx.environ.get("OMISE_SECRET_KEY") or ""
-    if not secret:
-        raise Refused("OMISE_SECRET_KEY is not set")
-    ledger = await ctx.ledger()
-    async with aiohttp.ClientSession() as http:
-        omise = OmiseClient(
-            secret, http, api_base=(ctx.environ.get("OMISE_API_BASE") or OMISE_API_BASE).rstrip("/")
-        )
-        yield Payments(
-            ledger,
-            omise,
-            currency=ctx.config.currency,
-            public_base_url=ctx.environ.get("PUBLIC_BASE_URL") or "",
-        )
+# ----- top-ups (the Omise commands are `python -m gateway payments`) -----------------------------
 
 
 async def cmd_topups(ctx: Ctx, a: argparse.Namespace) -> int:
@@ -361,58 +372,24 @@ async def cmd_topups(ctx: Ctx, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def cmd_sync_omise(ctx: Ctx, a: argparse.Namespace) -> int:
-    from gateway.payments.sync import sync_pending
-
-    async with _payments(ctx) as payments:
-        report = await sync_pending(payments, older_than_s=a.older_than, store=ctx.store())
-        out = report.as_json()
-        ctx.audit(
-            "omise.sync", "topups", {k: v for k, v in out.items() if k != "topups"}, payments.ledger.now_ms()
-        )
-    ctx.emit(out)
-    return EXIT_OK
-
-
-async def cmd_refund(ctx: Ctx, a: argparse.Namespace) -> int:
-    amount = None
-    if a.amount is not None:
-        try:
-            amount = parse_amount(a.amount)
-        except ValueError as exc:
-            raise BadUsage(f"--amount: {exc}") from None
-    from gateway.errors import GatewayError
-
-    async with _payments(ctx) as payments:
-        account = await payments.ledger.bucket_account(a.bucket_id) or ""
-        try:
-            outcome = await payments.refund_bucket(None, a.bucket_id, amount_micro=amount)
-        except GatewayError as exc:
-            raise Refused(exc.message) from None
-        ctx.audit(
-            "refund", account, {**outcome.as_json(), "bucket_id": a.bucket_id}, payments.ledger.now_ms()
-        )
-    ctx.emit(outcome.as_json())
-    if outcome.status == "reverted":
-        raise Refused(f"Omise refused the refund ({outcome.failure_code}): {outcome.failure_message}")
-    return EXIT_OK
-
-
 # ----- parsing ----------------------------------------------------------------------------------
 
 Command = Callable[[Ctx, argparse.Namespace], Awaitable[int]]
 
 
-class _Parser(argparse.ArgumentParser):
+class CliParser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse's own: usage on stderr, exit 2
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+_REF_HELP = "idempotency reference: a retry with the same one does the operation once"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m ledger", description="Coding Plan ledger operations (SPEC 6).")
+    p = CliParser(prog="python -m ledger", description="Coding Plan ledger operations (SPEC 6).")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=CliParser)
 
     def cmd(parent: Any, name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
         sp: argparse.ArgumentParser = parent.add_parser(name, help=help_text)
@@ -421,13 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     account = sub.add_parser("account", help="accounts").add_subparsers(
-        dest="sub", required=True, parser_class=_Parser
+        dest="sub", required=True, parser_class=CliParser
     )
-    cmd(account, "create", cmd_account_create, "create an account").add_argument("email")
+    ac = cmd(account, "create", cmd_account_create, "create an account")
+    ac.add_argument("email")
+    ac.add_argument("--ref", default="", help=_REF_HELP)
     key = sub.add_parser("key", help="API keys").add_subparsers(
-        dest="sub", required=True, parser_class=_Parser
+        dest="sub", required=True, parser_class=CliParser
     )
-    cmd(key, "create", cmd_key_create, "new API key, shown once").add_argument("account")
+    kc = cmd(key, "create", cmd_key_create, "new API key, shown once")
+    kc.add_argument("account")
+    kc.add_argument("--ref", default="", help=_REF_HELP)
     cmd(key, "renew", cmd_key_renew, "rotate a key").add_argument("key_id")
     cmd(key, "revoke", cmd_key_revoke, "revoke a key").add_argument("key_id")
     g = cmd(sub, "grant", cmd_grant, "manual credit bucket")
@@ -435,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("amount", help="currency units, e.g. 100 or 12.5")
     g.add_argument("--expires-in", type=int, default=DEFAULT_BUCKET_LIFE_S, metavar="SECONDS")
     g.add_argument("--reason", default="")
+    g.add_argument("--ref", default="", help=_REF_HELP)
     cmd(sub, "balance", cmd_balance, "as GET /v1/balance").add_argument("account")
     u = cmd(sub, "usage", cmd_usage, "the account's metering rows")
     u.add_argument("account")
@@ -450,14 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
     t = cmd(sub, "topups", cmd_topups, "list top-ups (Omise charges and what became of them)")
     t.add_argument("--status", choices=("pending", "successful", "failed", "expired"))
     t.add_argument("--account")
-    cmd(
-        sub, "sync-omise", cmd_sync_omise, "ask Omise about every pending top-up; credit or fail it"
-    ).add_argument(
-        "--older-than", type=int, default=0, metavar="SECONDS", help="only top-ups pending this long"
-    )
-    rf = cmd(sub, "refund", cmd_refund, "refund a top-up bucket's unused credit through Omise")
-    rf.add_argument("bucket_id")
-    rf.add_argument("--amount", help="currency units (default: all unused credit, in whole satang)")
     cmd(sub, "worker", cmd_worker, "drain the journal until SIGTERM").add_argument(
         "--interval", type=float, default=0.5, metavar="SECONDS"
     )
@@ -472,15 +446,26 @@ async def _run(fn: Command, ctx: Ctx, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    return run_cli(build_parser(), "ledger", argv, environ)
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    label: str,
+    argv: Sequence[str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> int:
+    """Parse, run the chosen command and turn its outcome into an exit code and one line on stderr.
+    Shared with `python -m gateway payments`, which runs its Omise commands over the same Ctx."""
     raw = list(sys.argv[1:] if argv is None else argv)
     # `--json` is accepted anywhere, before or after the command and its arguments.
     want_json = "--json" in raw
     raw = [x for x in raw if x != "--json"]
-    args = build_parser().parse_args(raw)
+    args = parser.parse_args(raw)
     try:
         config = LedgerConfig.from_env(environ)
     except ConfigError as exc:
-        sys.stderr.write(f"ledger: {exc}\n")
+        sys.stderr.write(f"{label}: {exc}\n")
         return EXIT_USAGE
     ctx = Ctx(
         config=config,
@@ -488,22 +473,34 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
         out=sys.stdout,
         environ=dict(os.environ if environ is None else environ),
     )
-    name = " ".join(x for x in (args.command, getattr(args, "sub", None)) if x)
+    name = " ".join(x for x in (label, args.command, getattr(args, "sub", None)) if x)
     try:
         return asyncio.run(_run(args.fn, ctx, args))
     except BadUsage as exc:
-        sys.stderr.write(f"ledger {name}: {exc}\n")
+        sys.stderr.write(f"{name}: {exc}\n")
         return EXIT_USAGE
     except LedgerLost:
         sys.stderr.write(f"ledger {name}: the ledger's Redis lost its data; run `python -m ledger rebuild`\n")
         return EXIT_REFUSED
     except (Refused, LedgerError) as exc:
-        sys.stderr.write(f"ledger {name}: {exc}\n")
+        sys.stderr.write(f"{name}: {exc}\n")
+        return EXIT_REFUSED
+    except (RedisConnectionError, RedisTimeoutError):
+        sys.stderr.write(f"{name}: lost the connection to the ledger's Redis\n")
+        return EXIT_REFUSED
+    except MovedError:
+        sys.stderr.write(
+            f"{name}: the ledger's Redis answered MOVED: REDIS_URL names one node of a Redis Cluster\n"
+        )
+        return EXIT_REFUSED
+    except RedisError as exc:
+        sys.stderr.write(f"{name}: the ledger's Redis refused the command ({type(exc).__name__})\n")
         return EXIT_REFUSED
     except ValueError as exc:
-        # Malformed ids and amounts from the command line.
-        sys.stderr.write(f"ledger {name}: {exc}\n")
+        # Malformed amounts from the command line.
+        sys.stderr.write(f"{name}: {exc}\n")
         return EXIT_USAGE
-    except (RedisConnectionError, RedisTimeoutError):
-        sys.stderr.write(f"ledger {name}: lost the connection to the ledger's Redis\n")
+    except Exception as exc:
+        # SPEC 6: a one-line reason, never a traceback (the type only: a message can quote data).
+        sys.stderr.write(f"{name}: failed ({type(exc).__name__}); nothing further was done\n")
         return EXIT_REFUSED

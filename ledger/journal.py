@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from .keys import Keyspace
 from .ledger import Ledger
 from .money import iso_ms
+from .personal import open_sealed
 from .store import Store
 
 __all__ = ["Event", "JournalWorker", "apply_events", "decode_draws", "stream_id"]
@@ -33,6 +34,7 @@ Event = tuple[str, dict[str, str]]
 
 EXPIRE_EVERY_S = 30.0
 RELEASE_STALE_EVERY_S = 10.0
+ERASE_RETRY_S = 30.0  # a reader blocked the checkpoint after an erasure: try again this much later
 
 
 def stream_id(text: str) -> tuple[int, int]:
@@ -71,6 +73,8 @@ class JournalWorker:
         # Fault injection for tests: called with (shard, cursor) after the SQLite commit and before
         # the stream is trimmed; raising there is a crash between the two.
         self.after_commit = after_commit
+        self._erased = False  # an erasure was committed and the WAL not yet emptied since
+        self._erase_retry_at = 0.0
 
     async def drain_once(self) -> int:
         """Apply every event now in the streams; returns how many were applied."""
@@ -78,6 +82,10 @@ class JournalWorker:
         cursors = await asyncio.to_thread(self.store.cursors)
         for shard in self.keys.all_shards():
             applied += await self._drain_shard(shard, cursors.get(shard))
+        if self._erased and time.monotonic() >= self._erase_retry_at:
+            # An account closure was applied: its email and sub must leave the WAL's bytes too.
+            self._erased = not await asyncio.to_thread(self.store.forget_erased)
+            self._erase_retry_at = time.monotonic() + ERASE_RETRY_S if self._erased else 0.0
         return applied
 
     async def _drain_shard(self, shard: int, cursor: str | None) -> int:
@@ -93,6 +101,7 @@ class JournalWorker:
             full = len(events) == self.batch
             if full:
                 events = _hold_back_trailing_forfeits(events)
+            await self._open_personal(shard, events)
             n, committed = await asyncio.to_thread(self.apply_batch, shard, events)
             applied += n
             cursor = committed
@@ -102,8 +111,37 @@ class JournalWorker:
             # MINID drops ids strictly below it: the successor of the cursor drops the cursor too.
             # Exact trimming (not '~'), or nothing is dropped until a whole node is applied.
             await self.redis.xtrim(key, minid=f"{ms}-{seq + 1}", approximate=False)
+            if any(f.get("t") == "account_closed" for _, f in events):
+                self._erased = True
             if not full:
                 return applied
+
+    async def _open_personal(self, shard: int, events: list[Event]) -> None:
+        """Open the sealed email and sub (ledger/personal.py) with each account's key, read from its
+        record in the same shard, into the events in memory: the stream itself only ever holds them
+        sealed. A closed account's key is gone, so its values open to nothing (NULL, as closing sets)."""
+        accounts = sorted(
+            {f.get("account", "") for _, f in events if f.get("email_sealed") or f.get("sub_sealed") or f.get("sealed")}
+            - {""}
+        )
+        if not accounts:
+            return
+        pfx = self.keys.shard_prefix(shard)
+        pipe = self.redis.pipeline(transaction=False)
+        for acct in accounts:
+            pipe.hget(pfx + "a:" + acct, "pii_key")
+        keys = dict(zip(accounts, await pipe.execute(), strict=True))
+        for _, f in events:
+            acct = f.get("account", "")
+            if f.get("t") == "account_created":
+                f["email"] = open_sealed(keys.get(acct), acct, "email", f.pop("email_sealed", "")) or ""
+                f["sub"] = open_sealed(keys.get(acct), acct, "sub", f.pop("sub_sealed", "")) or ""
+            elif f.get("t") == "account_set" and "sealed" in f:
+                opened = open_sealed(keys.get(acct), acct, f.get("field", ""), f.pop("sealed"))
+                if opened is not None:
+                    f["value"] = opened
+                else:
+                    f["field"] = ""  # unreadable: the account closed since; nothing to set
 
     def apply_batch(self, shard: int, events: Sequence[Event]) -> tuple[int, str]:
         """One transaction: apply the events after the stored cursor, advance it. Returns
@@ -220,7 +258,7 @@ def _apply_one(conn: sqlite3.Connection, e: dict[str, str]) -> None:
         conn.execute(
             "UPDATE accounts SET email = ?, google_sub = ?, created_at = ?, created_ms = ?, "
             "low_threshold_micro = ? WHERE account_id = ? AND status = 'active'",
-            (e.get("email"), e.get("sub") or None, at, ts, _int(e.get("low_threshold")), acct),
+            (e.get("email") or None, e.get("sub") or None, at, ts, _int(e.get("low_threshold")), acct),
         )
     elif t == "account_set":
         if e.get("field") == "low_threshold":

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 __all__ = [
     "API_KEY_PREFIX",
     "Keyspace",
+    "account_id_for_reference",
     "hash_api_key",
     "hash_subject",
+    "key_id_for_reference",
     "new_account_id",
     "new_api_key",
     "new_bucket_id",
@@ -50,6 +52,22 @@ def new_account_id(shard: int) -> str:
 
 def new_key_id(shard: int) -> str:
     return f"key_{shard:02x}{secrets.token_hex(6)}"
+
+
+def _ref_digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(("ops-ref", *parts)).encode()).hexdigest()
+
+
+def account_id_for_reference(reference: str, shards: int) -> str:
+    """The account an operator's idempotency reference names: the same reference, the same id (so a
+    retried `account create --ref` finds the first one, also after a rebuild)."""
+    digest = _ref_digest("account", reference)
+    return f"acc_{int(digest[:8], 16) % shards:02x}{digest[8:24]}"
+
+
+def key_id_for_reference(account_id: str, reference: str) -> str:
+    """The key id an operator's idempotency reference names inside one account."""
+    return f"key_{shard_of(account_id):02x}{_ref_digest('key', account_id, reference)[:12]}"
 
 
 def new_bucket_id(shard: int, now_ms: int | None = None) -> str:

@@ -29,6 +29,7 @@ from .errors import (
     UnknownKey,
 )
 from .money import MAX_MICRO
+from .personal import new_account_key, seal
 from .scripts import Scripts
 
 __all__ = [
@@ -61,8 +62,9 @@ class KeyRef:
 @dataclass(frozen=True, slots=True)
 class NewKey:
     key_id: str
-    key: str  # shown to the user once; never stored
+    key: str  # shown to the user once; never stored ("" when an earlier call made it: see created)
     prefix: str
+    created: bool = True  # False: a retry with the same reference; the key was shown the first time
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,19 +201,30 @@ class Ledger:
 
     # ----- accounts -------------------------------------------------------------------------
     async def create_account(
-        self, email: str, *, sub: str | None = None, low_threshold_micro: int = 0
+        self,
+        email: str,
+        *,
+        sub: str | None = None,
+        low_threshold_micro: int = 0,
+        reference: str | None = None,
     ) -> tuple[str, bool]:
-        """Returns (account_id, created). With a Google sub the same sub always finds the same account."""
+        """Returns (account_id, created). With a Google sub the same sub always finds the same account;
+        with an operator's idempotency reference the same reference does."""
         if sub:
             shard = K.shard_for_subject(sub, self.keys.shards)
             sub_hash = K.hash_subject(sub)
+            account_id = K.new_account_id(shard)
+        elif reference:
+            sub_hash = ""
+            account_id = K.account_id_for_reference(reference, self.keys.shards)
         else:
             shard = int.from_bytes(secrets.token_bytes(2), "big") % self.keys.shards
             sub_hash = ""
-        account_id = K.new_account_id(shard)
+            account_id = K.new_account_id(shard)
+        pii_key = new_account_key()
         res = await self._run(
-            "account_create", account_id, account_id, email, sub or "", sub_hash, self.now_ms(),
-            low_threshold_micro,
+            "account_create", account_id, account_id, email, sub_hash, self.now_ms(), low_threshold_micro,
+            pii_key, seal(pii_key, account_id, "email", email), seal(pii_key, account_id, "sub", sub or ""),
         )
         return res[1], res[0] == "ok"
 
@@ -229,22 +242,27 @@ class Ledger:
         except ValueError:
             return None
         h = await self.redis.hgetall(pfx + "a:" + account_id)
-        if not h:
-            await self._confirm_absent(pfx)
+        if not h.get("status"):
+            if not h:
+                await self._confirm_absent(pfx)  # nothing at all: a lost ledger, or no such account
+            # A fragment without the record (a stray field written by hand): no account.
             return None
-        # .get throughout: a record without its status is damage for reconcile to report (and
-        # `rebuild --force` to repair), not a traceback in `ledger balance`.
+
+        def n(name: str) -> int:
+            v = h.get(name) or "0"
+            return int(v) if v.lstrip("-").isdigit() else 0
+
         return AccountInfo(
             account_id=account_id,
-            status=h.get("status") or "partial",
+            status=h["status"],
             email=h.get("email"),
-            created_at=int(h.get("created_at") or 0),
-            credited=int(h.get("credited") or 0),
-            reserved=int(h.get("reserved") or 0),
-            consumed=int(h.get("consumed") or 0),
-            refunded=int(h.get("refunded") or 0),
-            forfeited=int(h.get("forfeited") or 0),
-            low_threshold_micro=int(h.get("low_threshold") or 0),
+            created_at=n("created_at"),
+            credited=n("credited"),
+            reserved=n("reserved"),
+            consumed=n("consumed"),
+            refunded=n("refunded"),
+            forfeited=n("forfeited"),
+            low_threshold_micro=n("low_threshold"),
         )
 
     async def close_account(self, account_id: str) -> tuple[int, int]:
@@ -258,12 +276,23 @@ class Ledger:
 
     async def set_low_threshold(self, account_id: str, micro: int) -> None:
         _check_amount(micro, "threshold")
-        res = await self._run("account_set", account_id, account_id, self.now_ms(), "low_threshold", micro)
+        res = await self._run(
+            "account_set", account_id, account_id, self.now_ms(), "low_threshold", micro, "", ""
+        )
         if res[0] != "ok":
             raise UnknownAccount("no such active account")
 
     async def set_email(self, account_id: str, email: str) -> None:
-        res = await self._run("account_set", account_id, account_id, self.now_ms(), "email", email)
+        pfx = self.keys.pfx_for(account_id)
+        for _ in range(3):
+            # Sealed with the account's own key; an account older than pii_key gets a new one.
+            pii_key = await self.redis.hget(pfx + "a:" + account_id, "pii_key") or new_account_key()
+            sealed = seal(pii_key, account_id, "email", email)
+            res = await self._run(
+                "account_set", account_id, account_id, self.now_ms(), "email", email, sealed, pii_key
+            )
+            if res[0] != "stale_key":  # another writer gave the account its key meanwhile: again
+                break
         if res[0] != "ok":
             raise UnknownAccount("no such active account")
 
@@ -274,15 +303,21 @@ class Ledger:
         return sorted(ids)
 
     # ----- API keys -------------------------------------------------------------------------
-    async def create_key(self, account_id: str, *, replaces: str | None = None) -> NewKey:
+    async def create_key(
+        self, account_id: str, *, replaces: str | None = None, reference: str | None = None
+    ) -> NewKey:
+        """A new key; with an operator's idempotency reference, a retry answers the first key's id
+        (created=False, no key: it was shown once, when it was made)."""
         shard = K.shard_of(account_id)
         key = K.new_api_key(shard)
-        key_id = K.new_key_id(shard)
+        key_id = K.key_id_for_reference(account_id, reference) if reference else K.new_key_id(shard)
         prefix = key[:12]
         res = await self._run(
             "key_create", account_id, account_id, key_id, K.hash_api_key(key), prefix, self.now_ms(),
             MAX_LIVE_KEYS, replaces or "",
         )
+        if res[0] == "exists":
+            return NewKey(key_id=key_id, key="", prefix=str(res[1]), created=False)
         if res[0] == "limit":
             raise KeyLimit(f"an account has at most {MAX_LIVE_KEYS} live API keys; revoke or renew one")
         if res[0] == "no_account":

@@ -22,6 +22,7 @@ from typing import Any
 from .epoch import clear_epoch, epochs, mark_rebuilding, new_epoch, write_epoch
 from .keys import hash_subject
 from .ledger import RESERVATION_TTL_S, Ledger
+from .personal import new_account_key
 from .reconcile import drain_all
 from .store import Store
 
@@ -146,6 +147,7 @@ async def rebuild(
             sub = a["google_sub"] or ""
             fields["email"] = a["email"] or ""
             fields["sub_hash"] = hash_subject(sub) if sub else ""
+            fields["pii_key"] = new_account_key()  # the journal starts empty: a fresh key seals from now
             if sub:
                 pipe.set(pfx + "sub:" + hash_subject(sub), acct)
         pipe.hset(pfx + "a:" + acct, mapping=fields)

@@ -8,6 +8,7 @@ ledger needs the exact instant back.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -28,6 +29,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger("ledger.store")
 
 # The export's columns: SPEC section 7, then what we add beside it.
 METERING_COLUMNS = (
@@ -266,6 +269,9 @@ class Store:
             # FULL, not NORMAL: the journal stream is trimmed right after a commit, so a commit that a
             # power cut could undo would lose events for good.
             conn.execute("PRAGMA synchronous = FULL")
+            # Erased personal data (a closed account's email and sub) is overwritten with zeros in
+            # the page, not left in free space; forget_erased then empties the WAL that held it.
+            conn.execute("PRAGMA secure_delete = ON")
             self._conn = conn
         return self._conn
 
@@ -274,6 +280,22 @@ class Store:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    def forget_erased(self) -> bool:
+        """After an erasure (account closure) is committed: copy the WAL into the database and
+        truncate it to zero bytes, so the erased values are in no file's bytes (db, -wal, -shm).
+        Waits a moment for readers; False if one held on (a Litestream process holds a read
+        transaction on purpose and checkpoints itself: see README), and the worker tries again later."""
+        with self._lock:
+            conn = self._writer()
+            conn.execute("PRAGMA busy_timeout = 500")
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.execute("PRAGMA busy_timeout = 30000")
+        if busy:
+            log.warning("WAL checkpoint after an erasure was blocked by a reader; retrying later")
+        return not busy
 
     def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn in one BEGIN IMMEDIATE transaction (the write lock is taken up front, so a second
@@ -497,7 +519,7 @@ def _history_row(r: sqlite3.Row, *, with_cursor: bool) -> dict[str, Any]:
 
 def _parse_cursor(cursor: str) -> tuple[int, str]:
     at, sep, event_id = cursor.partition(":")
-    if not sep or not at.isdigit() or not event_id or len(cursor) > 200:
+    if not sep or not at.isdigit() or len(at) > 15 or not event_id or len(cursor) > 200:
         raise ValueError("not a history cursor")
     return int(at), event_id
 

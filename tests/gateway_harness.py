@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from gateway.app import create_app
 from gateway.appkeys import LEDGER
 from gateway.models import load_registry
+from gateway.server import GatewayRunner
 from gateway.settings import Settings
 from ledger.journal import JournalWorker
 from ledger.keys import Keyspace
@@ -128,6 +129,7 @@ async def running_gateway(
     fake: FakeUpstream,
     *,
     extra_models: str = "",
+    configure_app: Callable[[web.Application], None] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Gateway]:
     models_file = tmp_path / "models.toml"
@@ -151,7 +153,9 @@ async def running_gateway(
     store = Store(str(settings.database_path))
     await asyncio.to_thread(store.migrate)
     app = create_app(settings, redis=redis, registry=registry)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
+    if configure_app is not None:
+        configure_app(app)  # e.g. a recording middleware, before the app freezes
+    runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -435,3 +435,147 @@ async def test_canary_is_found_in_no_log_redis_key_sqlite_row_file_or_metric(
     assert c not in caplog.text
     out, err = capfd.readouterr()
     assert c not in out and c not in err
+
+
+# ----- malformed HTTP: refused by the parser or while reading the body ------------------------------
+
+
+def malformed_requests(key: str, c: str) -> list[tuple[str, bytes]]:
+    """Requests aiohttp cannot parse (or whose body cannot be read), each carrying the canary and a
+    real API key where a careless error path would quote them."""
+    body = orjson.dumps(openai_body(c, "gpt-test", stream=False))
+    line = "POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+    auth = f"Authorization: Bearer {key}\r\n"
+    json_ct = "Content-Type: application/json\r\n"
+
+    def framed(headers: str, payload: bytes = body) -> bytes:
+        return (line + headers + f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+
+    gzip_like = b"\x1f\x8b\x08\x00" + c.encode() + key.encode()
+    return [
+        ("key then a control character", framed(f"Authorization: Bearer {key}\x01\r\n{json_ct}")),
+        ("x-api-key then DEL, canary after", framed(f"x-api-key: {key}\x7f{c}\r\n{json_ct}")),
+        ("NUL inside a header", framed(f"{auth}X-Note: {c}\x00{key}\r\n{json_ct}")),
+        ("header without a colon", framed(f"{auth}{c} {key}\r\n{json_ct}")),
+        ("obsolete line folding", framed(f"{auth}X-Folded: a\r\n {c} {key}\r\n{json_ct}")),
+        ("Content-Length too short", (line + auth + json_ct + "Content-Length: 12\r\n\r\n").encode() + body),
+        ("Content-Length not a number", (line + auth + json_ct + f"Content-Length: 9{c}\r\n\r\n").encode() + body),
+        (
+            "bad chunk size",
+            (line + auth + json_ct + "Transfer-Encoding: chunked\r\n\r\n").encode()
+            + f"zz{c}\r\n".encode() + body + b"\r\n0\r\n\r\n",
+        ),
+        (
+            "chunk longer than its size",
+            (line + auth + json_ct + "Transfer-Encoding: chunked\r\n\r\n").encode()
+            + b"10\r\n" + body + b"\r\n0\r\n\r\n",
+        ),
+        (
+            "Transfer-Encoding and Content-Length",
+            (line + auth + json_ct + "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n").encode()
+            + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n",
+        ),
+        ("oversized header", framed(f"{auth}X-Big: {c}{key}{'a' * 10_000}\r\n{json_ct}")),
+        ("too many headers", framed(auth + "".join(f"X-{i}: {c}\r\n" for i in range(200)) + json_ct)),
+        ("canary as the method", f"{c} /v1/models HTTP/1.1\r\nHost: gateway\r\n{auth}\r\n".encode()),
+        ("canary in the version", f"GET /v1/models HTTP/1.{c}\r\nHost: gateway\r\n{auth}\r\n".encode()),
+        ("control character in the path", f"GET /v1/{c}\x01{key} HTTP/1.1\r\nHost: gateway\r\n\r\n".encode()),
+        ("gzip declared, not gzip", framed(f"{auth}{json_ct}Content-Encoding: gzip\r\nConnection: close\r\n")),
+        (
+            "gzip header, then garbage",
+            framed(f"{auth}{json_ct}Content-Encoding: gzip\r\nConnection: close\r\n", gzip_like),
+        ),
+        ("deflate declared, not deflate", framed(f"{auth}{json_ct}Content-Encoding: deflate\r\nConnection: close\r\n")),
+    ]
+
+
+async def send_raw(url: str, data: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            return await reader.read()  # until the server closes the connection
+    finally:
+        writer.close()
+
+
+def responses_in(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    out = []
+    while raw.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")):
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+        size = int(headers.get("content-length", "0"))
+        out.append((int(lines[0].split()[1]), headers, rest[:size]))
+        raw = rest[size:]
+    return out
+
+
+async def test_malformed_http_puts_canary_and_key_in_no_log_store_or_response(
+    redis_client: aioredis.Redis,
+    redis_kind: str,
+    clean_keyspace: Keyspace,
+    tmp_path: Path,
+    fake: FakeUpstream,
+    all_logs: Records,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    c = f"canary-{uuid.uuid4().hex}"
+    raw_redis = aioredis.Redis.from_url(REDIS_URL) if redis_kind == "redis" else redis_client
+    try:
+        async with running_gateway(redis_client, clean_keyspace, tmp_path, fake) as gw:
+            key = await gw.funded_key(100)
+            secrets = (c.encode(), key.encode(), key[12:].encode())
+            for name, data in malformed_requests(key, c):
+                raw = await send_raw(gw.url, data)
+                got = responses_in(raw)
+                assert got, f"{name}: no response in {raw!r}"
+                for status, headers, body in got:
+                    assert 400 <= status < 500, (name, status, body)
+                    assert headers.get("x-request-id", "").startswith("req_"), (name, headers)
+                    assert not [s for s in secrets if s in body], f"{name}: echoed"
+                assert got[-1][0] in (400, 413, 431), (name, got[-1][0])
+            assert not fake.requests, "a malformed request reached the upstream"
+            async with gw.http.get(gw.url + "/metrics") as r:
+                metrics = await r.text()
+            await gw.drain()
+            dump = await redis_dump(raw_redis)
+            assert not [v for v in dump if any(s in v for s in secrets)], "canary or key in Redis"
+            assert not [r for r in sqlite_dump(gw.settings.database_path) if c in r or key in r]
+            await gw.reconcile_ok()
+        assert not any(s.decode() in metrics for s in secrets)
+        files = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert not [p.name for p in files if any(s in p.read_bytes() for s in secrets)], "on disk"
+    finally:
+        if raw_redis is not redis_client:
+            await raw_redis.aclose()
+    assert any("malformed request refused" in r.getMessage() for r in all_logs.records)
+    leaked = [r.name for r in all_logs.records if c in record_text(r) or key[12:] in record_text(r)]
+    assert not leaked, f"canary or key in log records of {leaked}"
+    assert c not in caplog.text and key[12:] not in caplog.text
+    out, err = capfd.readouterr()
+    assert c not in out + err and key[12:] not in out + err
+
+
+def test_aiohttp_loggers_lose_arguments_exceptions_and_stacks(all_logs: Records) -> None:
+    from gateway.server import AIOHTTP_LOGGERS, quiet_aiohttp_loggers
+
+    c = f"canary-{uuid.uuid4().hex}"
+    quiet_aiohttp_loggers()
+    quiet_aiohttp_loggers()  # idempotent
+    for name in AIOHTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        assert len(logger.filters) == 1
+        for level in (logging.DEBUG, logging.INFO, logging.ERROR):
+            try:
+                raise ValueError(f"bad bytes {c}")
+            except ValueError as exc:
+                logger.log(level, "Error handling request %s", c, exc_info=exc, stack_info=True)
+    logging.getLogger("aiohttp.access").info(f'127.0.0.1 "POST /v1/x?{c} HTTP/1.1" 200')
+    mine = [r for r in all_logs.records if r.name.startswith("aiohttp")]
+    assert len(mine) == 3 * len(AIOHTTP_LOGGERS) + 1
+    assert not [r.name for r in mine if c in record_text(r)]
+    assert "Error handling request %s [ValueError]" in {r.getMessage() for r in mine}

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
+import socketserver
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -181,7 +185,6 @@ async def test_bad_usage_exits_2_and_refusals_exit_1(cli: Cli) -> None:
         ("nonsense",),
         (),
         ("usage", account, "--format", "xml"),
-        ("key", "create", "not-an-id"),
     ):
         p = cli.run(*args, "--json")
         assert p.returncode == 2, (args, p.stderr)
@@ -267,3 +270,179 @@ async def test_worker_drains_until_sigterm(cli: Cli) -> None:
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert await cli.ledger.redis.xlen(cli.ledger.keys.journal(int(account[4:6], 16))) == 0
+
+
+# Runs `python -m ledger ARGS` in a process where importing the gateway package fails.
+_WITHOUT_GATEWAY = """
+import runpy, sys
+
+class NoGateway:
+    def find_spec(self, name, path=None, target=None):
+        if name == "gateway" or name.startswith("gateway."):
+            raise ModuleNotFoundError(f"No module named {name!r} (the test hid it)")
+        return None
+
+sys.meta_path.insert(0, NoGateway())
+sys.argv = ["ledger", *sys.argv[1:]]
+runpy.run_module("ledger", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_the_ledger_package_imports_nothing_of_the_gateway() -> None:
+    import ast
+
+    for path in (ROOT / "ledger").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            assert not [n for n in names if n.split(".")[0] == "gateway"], f"{path.name} imports the gateway"
+
+
+async def test_python_m_ledger_runs_with_the_gateway_package_unimportable(cli: Cli) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", _WITHOUT_GATEWAY, *args],
+            cwd=ROOT,
+            env=cli.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    # The hiding works: the gateway's own entry point fails in the same harness.
+    hidden = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_GATEWAY.replace('"ledger"', '"gateway"'), "--help"],
+        cwd=ROOT, env=cli.env, capture_output=True, text=True, timeout=60,
+    )
+    assert hidden.returncode != 0 and "the test hid it" in hidden.stderr
+    helped = run("--help")
+    assert helped.returncode == 0, helped.stderr
+    assert "reconcile" in helped.stdout and "refund" not in helped.stdout
+    for args in (("migrate",), ("account", "create", "gina@example.com")):
+        p = run(*args, "--json")
+        assert p.returncode == 0, p.stderr
+    account = json.loads(p.stdout)["account_id"]
+    assert run("grant", account, "2", "--json").returncode == 0
+    p = run("balance", account, "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["available_micro"] == 2_000_000
+    p = run("reconcile", "--json")
+    assert p.returncode == 0, p.stderr + p.stdout
+
+
+async def test_retried_account_create_key_create_and_grant_with_a_ref_happen_once(cli: Cli) -> None:
+    first = cli.ok("account", "create", "hal@example.com", "--ref", "signup-7")
+    assert cli.ok("account", "create", "hal@example.com", "--ref", "signup-7") == first
+    account = first["account_id"]
+    other = cli.ok("account", "create", "ida@example.com", "--ref", "signup-8")["account_id"]
+    assert other != account and account in await cli.ledger.account_ids()
+
+    key = cli.ok("key", "create", account, "--ref", "onboard")
+    assert key["key"].startswith("cpk_")
+    again = cli.run("key", "create", account, "--ref", "onboard", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {"key_id": key["key_id"], "key": None}
+    assert "shown then" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert [k.key_id for k in await cli.ledger.list_keys(account)] == [key["key_id"]]
+    assert (await cli.ledger.lookup_key(key["key"])).key_id == key["key_id"]  # the first key still works
+
+    grant = cli.ok("grant", account, "5", "--ref", "ticket-9", "--reason", "outage")
+    assert cli.ok("grant", account, "5", "--ref", "ticket-9", "--reason", "outage") == grant
+    changed = cli.run("grant", account, "6", "--ref", "ticket-9", "--json")
+    assert changed.returncode == 1 and "already granted 5000000" in changed.stderr
+    cli.ok("grant", other, "5", "--ref", "ticket-9")  # a reference is the account's own
+    assert (await cli.ledger.balance(account)).available_micro == 5_000_000
+    assert (await cli.ledger.balance(other)).available_micro == 5_000_000
+
+    # Retries are still recognised after Redis was rebuilt from SQLite.
+    cli.ok("rebuild", "--force")
+    assert cli.ok("account", "create", "hal@example.com", "--ref", "signup-7") == first
+    assert cli.ok("grant", account, "5", "--ref", "ticket-9") == grant
+    assert json.loads(cli.run("key", "create", account, "--ref", "onboard", "--json").stdout)["key"] is None
+    assert (await cli.ledger.balance(account)).available_micro == 5_000_000
+    assert len(await cli.ledger.list_keys(account)) == 1
+    assert cli.ok("reconcile")["ok"] is True
+    grants = [json.loads(r["detail"]) for r in cli.audit() if r["action"] == "grant"]
+    assert [(g.get("ref"), g.get("created")) for g in grants] == [
+        ("ticket-9", True), ("ticket-9", False), ("ticket-9", True), ("ticket-9", False)
+    ]
+
+
+async def test_an_id_that_names_no_account_is_no_such_account_exit_1(cli: Cli) -> None:
+    cli.ok("account", "create", "jan@example.com")
+    for bad in ("not-an-id", "acc_zz", "acc_00ffffffffffffffff", "key_00ffffffffff", "", "acc_00\n"):
+        for args in (("balance", bad), ("grant", bad, "1"), ("key", "create", bad)):
+            p = cli.run(*args, "--json")
+            assert (p.returncode, p.stdout) == (1, ""), (args, p.stderr)
+            assert re.search(r"no such (active )?account$", p.stderr.strip()), p.stderr
+            assert len(p.stderr.strip().splitlines()) == 1
+    for args in (("key", "revoke", "nonsense"), ("key", "renew", "acc_00ffffffffffffffff")):
+        p = cli.run(*args, "--json")
+        assert p.returncode == 1 and "no such live key" in p.stderr, p.stderr
+
+
+async def test_a_partial_account_record_is_no_such_account_not_a_traceback(cli: Cli) -> None:
+    ghost = "acc_00" + "ab" * 8
+    # A stray field, as a hand-run HSET would leave: a record without a status is no account.
+    await cli.ledger.redis.hset(cli.ledger.keys.pfx_for(ghost) + "a:" + ghost, "low", "1")
+    for args in (("balance", ghost), ("grant", ghost, "1"), ("key", "create", ghost)):
+        p = cli.run(*args)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and re.search(r"no such (active )?account$", p.stderr)
+    # A record with its status but missing counters answers what it has.
+    await cli.ledger.redis.hset(cli.ledger.keys.pfx_for(ghost) + "a:" + ghost, "status", "active")
+    p = cli.run("balance", ghost, "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["available_micro"] == 0, p.stderr
+
+
+class _MovedRedis(socketserver.ThreadingTCPServer):
+    """One node of a Redis Cluster that holds none of our slots: PING works, every command is MOVED."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            while True:
+                line = self.rfile.readline()
+                if not line.startswith(b"*"):
+                    return
+                args = []
+                for _ in range(int(line[1:])):
+                    size = int(self.rfile.readline()[1:])
+                    args.append(self.rfile.read(size + 2)[:-2])
+                name = args[0].upper()
+                if name == b"PING":
+                    self.wfile.write(b"+PONG\r\n")
+                elif name in (b"CLIENT", b"SELECT"):
+                    self.wfile.write(b"+OK\r\n")
+                else:
+                    self.wfile.write(b"-MOVED 3999 127.0.0.1:7001\r\n")
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), self.Handler)
+
+
+async def test_redis_errors_are_one_line_reasons(cli: Cli) -> None:
+    server = _MovedRedis()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {**cli.env, "REDIS_URL": f"redis://127.0.0.1:{server.server_address[1]}/0"}
+        for args in (("balance", "acc_00ffffffffffffffff"), ("account", "create", "kim@example.com"), ("expire",)):
+            p = cli.run(*args, env=env)
+            assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+            assert len(p.stderr.strip().splitlines()) == 1 and "MOVED" in p.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    # Nothing listening: a one-line reason too.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    p = cli.run("balance", "acc_00ffffffffffffffff", env={**cli.env, "REDIS_URL": f"redis://127.0.0.1:{dead}/0"})
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "Redis" in p.stderr

@@ -652,9 +652,9 @@ async def test_closing_an_account_revokes_keys_and_forgets_email_and_sub(ledger:
         90,
         10,
     )
-    # Everything except the journal stream: it keeps account_created (with the email) until the
-    # journal worker has written it to SQLite and trimmed the stream.
-    dump = await scan_ledger(ledger, skip_journal=True)
+    # Everything, the journal stream included: it carries the email and sub only sealed with the
+    # account's key (ledger/personal.py), and closing deleted that key.
+    dump = await scan_ledger(ledger)
     text = "\n".join(f"{key}={value}" for key, value in dump.items())
     assert acct in text  # the scan does see the account's records
     for secret in (email, sub, K.hash_subject(sub)):

@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from gateway.app import create_app
 from gateway.appkeys import LEDGER
 from gateway.models import load_registry
+from gateway.server import GatewayRunner
 from gateway.settings import DEFAULT_MODELS_FILE, Settings
 from ledger.journal import JournalWorker
 from ledger.keys import Keyspace
@@ -170,7 +171,7 @@ async def running_web(
         await asyncio.to_thread(store.migrate)
         registry = load_registry(DEFAULT_MODELS_FILE, {})
         app = create_app(settings, redis=redis, registry=registry, clock=clock)
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
+        runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
         await runner.setup()
         await web.SockSite(runner, sock).start()
         ledger = app[LEDGER]

@@ -12,7 +12,7 @@ from ledger.money import parse_amount
 from .. import errors as E
 from ..appkeys import LEDGER, SETTINGS
 from ..jsonbody import read_json_object
-from ..omise_api import OmiseUnavailable, parse_event, verify_webhook_signature
+from ..omise_api import OmiseError, OmiseUnavailable, parse_event, verify_webhook_signature
 from ..web import check_csrf, require_account
 from ..web.api import json_response
 from .amounts import parse_topup_amount
@@ -161,6 +161,10 @@ async def post_webhook(request: web.Request) -> web.Response:
         charge = await payments.omise.retrieve_charge(event.charge_id)
     except OmiseUnavailable:
         raise E.ServiceUnavailable("Omise did not answer; deliver the event again later.") from None
+    except OmiseError as exc:
+        # Omise does not know the charge (a forged or foreign event): not ours, nothing to retry.
+        log.info("omise webhook %s: charge unknown to Omise (%s)", event.key, exc.code)
+        return json_response(_WEBHOOK_OK)
     try:
         topup = await payments.settle_charge(charge)
     except E.NotFound:

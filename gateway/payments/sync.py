@@ -1,6 +1,6 @@
 """Reconciliation with Omise: ask about every pending top-up (and unanswered refund) and settle it.
 
-Used by ``python -m ledger sync-omise`` and by a background pass in the web process (one process
+Used by ``python -m gateway payments sync-omise`` and by a background pass in the web process (one process
 at a time, under a short Redis lock) for top-ups pending longer than a minute: a lost webhook or
 an abandoned return page still ends in a bucket or a recorded failure.
 """

@@ -46,14 +46,19 @@ async def require_account(request: web.Request) -> str:
     return account_id
 
 
-def _int_param(request: web.Request, name: str, default: int | None) -> int | None:
+def _int_param(
+    request: web.Request, name: str, default: int | None, *, maximum: int = 2**53
+) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise E.BadRequest(f"'{name}' must be an integer.", param=name) from None
+    if not -maximum <= value <= maximum:  # past SQLite's integers, a 500 rather than a 400
+        raise E.BadRequest(f"'{name}' must be at most {maximum}.", param=name)
+    return value
 
 
 async def get_account(request: web.Request) -> web.Response:
@@ -96,7 +101,7 @@ async def get_usage(request: web.Request) -> web.Response:
 
 async def get_daily(request: web.Request) -> web.Response:
     account_id = await require_account(request)
-    return json_response(await daily_usage(request, account_id, days=_int_param(request, "days", 30) or 30))
+    return json_response(await daily_usage(request, account_id, days=_int_param(request, "days", 30, maximum=36_600) or 30))
 
 
 async def get_export(request: web.Request) -> web.StreamResponse:

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from .. import errors as E
 from ..appkeys import DEMO, LEDGER, SETTINGS
+from ..limits import is_local_client
 from ..oidc import OIDCClient, PendingSignIn, SignInError
 from .csrf import CSRF_FIELD, check_csrf
 from .render import message_page
@@ -123,6 +124,9 @@ async def _account_for(request: web.Request, email: str, sub: str) -> str:
 async def demo_signin(request: web.Request) -> web.Response:
     if not demo_available(request.app):
         raise web.HTTPNotFound()
+    if not is_local_client(request):
+        # SECURITY: the demo account is anyone's who reaches this; only someone on this machine.
+        return message_page("Request refused", "The demo sign-in works only from this machine.", status=403)
     form = await request.post()
     try:
         await check_csrf(request, str(form.get(CSRF_FIELD, "")))

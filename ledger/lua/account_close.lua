@@ -1,4 +1,5 @@
--- Close an account: revoke every key at once, drop the sub index and the email, forfeit what is left.
+-- Close an account: revoke every key at once, drop the sub index, the email and the key that sealed
+-- them in the journal (ledger/personal.py), forfeit what is left.
 -- Metering and money records stay (without personal data) for accounting.
 -- KEYS[1] shard journal   ARGV: account_id, now_ms
 -- Returns {'ok', forfeited_micro, keys_revoked} | {'no_account'} | {'closed'}
@@ -36,6 +37,6 @@ for _, bid in ipairs(ids) do
   redis.call('ZREM', PFX .. 'bexp', bid)
 end
 redis.call('HSET', a, 'status', 'closed', 'closed_at', fmt(now))
-redis.call('HDEL', a, 'email', 'sub_hash')
+redis.call('HDEL', a, 'email', 'sub_hash', 'pii_key')  -- pii_key: the journal's sealed copies become unreadable
 journal(PFX, now, 't', 'account_closed', 'account', acct)
 return {'ok', fmt(forfeited), revoked}
