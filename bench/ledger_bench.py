@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from ledger.epoch import new_epoch, write_epoch
 from ledger.keys import Keyspace, new_request_id, shard_of
 from ledger.ledger import Ledger
 
@@ -94,6 +95,7 @@ async def main(argv: list[str] | None = None) -> int:
     ledger = Ledger(redis, keys)
     try:
         await ledger.load_scripts()
+        await write_epoch(ledger, new_epoch(ledger.now_ms()))  # a new ledger: its markers
         # One account per 64 concurrent requests: a real mix touches many accounts and shards.
         accounts = []
         for i in range(max(1, args.concurrency // 8)):

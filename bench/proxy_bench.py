@@ -154,6 +154,7 @@ def _self_on_load_core() -> Iterator[None]:
 async def _make_key(redis_url: str, prefix: str) -> str:
     from redis.asyncio import Redis
 
+    from ledger.epoch import new_epoch, write_epoch
     from ledger.keys import Keyspace
     from ledger.ledger import Ledger
 
@@ -161,6 +162,7 @@ async def _make_key(redis_url: str, prefix: str) -> str:
     try:
         ledger = Ledger(redis, Keyspace(prefix=prefix))
         await ledger.load_scripts()
+        await write_epoch(ledger, new_epoch(ledger.now_ms()), only_missing=True)  # a new ledger's markers
         account_id, _ = await ledger.create_account("bench@example.com")
         # 10 million THB: far more than any run holds or spends.
         await ledger.credit(account_id, 10_000_000 * 1_000_000, reference="bench-grant", source="grant")

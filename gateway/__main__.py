@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 
+import orjson
 from aiohttp import web
 
 from .appkeys import DEMO, REGISTRY
@@ -70,14 +71,14 @@ def _banner(settings: Settings, app: web.Application, port: int) -> None:
 
 async def serve(settings: Settings) -> None:
     from .app import create_app
+    from .durability import shutdown_budget
     from .server import GatewayRunner
 
     app = create_app(settings)
     # handler_cancellation: a client that goes away cancels its handler at once, which aborts the
     # upstream request; the bill is settled in the handler's finally.
-    runner = GatewayRunner(
-        app, handler_cancellation=True, shutdown_timeout=settings.shutdown_grace_s, access_log=None
-    )
+    _, handler_s = shutdown_budget(settings.shutdown_grace_s)
+    runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=handler_s, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()
@@ -99,29 +100,49 @@ async def serve(settings: Settings) -> None:
 
 
 async def work(settings: Settings) -> None:
-    from ledger.journal import JournalWorker
+    from ledger.connection import log_redis_problems
     from ledger.keys import Keyspace
     from ledger.ledger import Ledger
     from ledger.redis_client import connect
     from ledger.store import Store
 
+    from .worker import run_worker
+
     if settings.redis_url is None:
         raise ConfigError("REDIS_URL is required for a separate worker (the embedded default runs its own)")
-    redis = await connect(settings.redis_url)
+    # A single server or any node of a Redis Cluster (detected): ledger/redis_client.py.
+    redis = await connect(settings.redis_url, pool_size=8)
     keyspace = Keyspace(prefix=settings.ledger_prefix, shards=settings.ledger_shards)
     store = Store(str(settings.database_path))
     await asyncio.to_thread(store.migrate)
-    worker = JournalWorker(redis, keyspace, store, ledger=Ledger(redis, keyspace))
+    ledger = Ledger(redis, keyspace, done_ttl_s=settings.ledger_done_ttl_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info("worker started shards=%d", keyspace.shards)
     try:
-        await worker.run(stop)
+        await log_redis_problems(redis)
+        await run_worker(
+            ledger,
+            store,
+            settings.database_path,
+            stop,
+            reconcile_every_s=settings.reconcile_every_s,
+            metrics_port=settings.worker_metrics_port,
+        )
     finally:
         store.close()
         await redis.aclose()
+
+
+def check_worker(settings: Settings) -> int:
+    """`python -m gateway worker --check`: 0 when the worker's last pass is recent and whole."""
+    from .worker import check
+
+    ok, record = check(settings.database_path)
+    print(orjson.dumps({"ok": ok, **record}).decode())
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,12 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         return payments_main(raw[1:])
     parser = argparse.ArgumentParser(prog="python -m gateway")
     parser.add_argument("command", choices=["serve", "worker", "payments"])
+    parser.add_argument("--check", action="store_true", help="worker: exit 0 if the running worker is healthy")
     args = parser.parse_args(raw)
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
+    if args.check:
+        return check_worker(settings)
     _logging(settings.log_level)
     try:
         asyncio.run(serve(settings) if args.command == "serve" else work(settings))

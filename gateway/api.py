@@ -8,10 +8,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ledger.epoch import is_whole
 from ledger.money import iso_ms
 
 from . import errors as E
-from .appkeys import COUNT_SLOTS, LEDGER, METRICS, PROXY, REDIS, REGISTRY, SETTINGS
+from .appkeys import COUNT_SLOTS, LEDGER, METRICS, PROXY, REGISTRY, SETTINGS
 from .auth import authenticate
 from .estimate import estimate_prompt
 from .jsonbody import read_json_object
@@ -98,10 +99,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     try:
-        await asyncio.wait_for(request.app[REDIS].ping(), timeout=2)
+        whole = await asyncio.wait_for(is_whole(request.app[LEDGER]), timeout=2)
     except Exception:
         return _json({"ok": False, "redis": "unreachable"}, status=503)
-    return _json({"ok": True, "redis": "ok"})
+    if not whole:
+        # Reachable but without its epoch markers: the data is gone until `python -m ledger rebuild`.
+        return _json({"ok": False, "redis": "ok", "ledger": "being restored"}, status=503)
+    return _json({"ok": True, "redis": "ok", "ledger": "ok"})
 
 
 async def metrics(request: web.Request) -> web.Response:

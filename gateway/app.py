@@ -11,11 +11,14 @@ import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
+from ledger.connection import log_redis_problems
+from ledger.epoch import LedgerState, history_in, open_ledger
 from ledger.journal import JournalWorker
 from ledger.keys import Keyspace
 from ledger.ledger import Ledger
 from ledger.redis_client import AnyRedis
 from ledger.redis_client import connect as connect_redis
+from ledger.spool import Spool, spool_dir
 from ledger.store import Store
 
 from . import tokens
@@ -35,6 +38,7 @@ from .appkeys import (
     STORE,
 )
 from .demo import demo_routes
+from .durability import keep_settlements, shutdown_budget
 from .limits import AuthThrottle, KeySlots
 from .metrics import Metrics
 from .middlewares import error_middleware
@@ -78,7 +82,7 @@ def create_app(
             client = redis
         elif settings.redis_url:
             # A single server or any node of a Redis Cluster (detected): ledger/redis_client.py.
-            client = await connect_redis(settings.redis_url)
+            client = await connect_redis(settings.redis_url)  # 64 in flight at most; the rest wait
         else:
             from .embedded import EmbeddedRedis
 
@@ -86,7 +90,9 @@ def create_app(
             client = Redis.from_url(embedded.start(), decode_responses=True)
         app[REDIS] = client
         keyspace = Keyspace(prefix=settings.ledger_prefix, shards=settings.ledger_shards)
-        app[LEDGER] = Ledger(client, keyspace, **({"clock": clock} if clock else {}))
+        app[LEDGER] = Ledger(
+            client, keyspace, done_ttl_s=settings.ledger_done_ttl_s, **({"clock": clock} if clock else {})
+        )
         app[AUTH_THROTTLE] = AuthThrottle(
             client,
             keyspace,
@@ -97,6 +103,13 @@ def create_app(
         )
         await app[LEDGER].load_scripts()
         app[STORE] = Store(str(settings.database_path))
+        if embedded is None and own_redis:
+            await log_redis_problems(client)
+        if embedded is None and await open_ledger(app[LEDGER], history_in(app[STORE])) is LedgerState.LOST:
+            log.error(
+                "the ledger's Redis has lost its data (no epoch marker): requests get 503 until an "
+                "operator runs `python -m ledger rebuild`"
+            )
         worker_stop = asyncio.Event()
         worker_task = None
         if embedded is not None:
@@ -111,13 +124,27 @@ def create_app(
         app[HTTP] = http
         proxy = Proxy(settings, app[REGISTRY], app[LEDGER], http, app[METRICS], app[BACKGROUND])
         proxy.internal_token = internal_token
+        spool = Spool(spool_dir(settings.database_path))
+        await asyncio.to_thread(spool.open)
+        proxy.spool = spool
         app[PROXY] = proxy
-        heartbeat = asyncio.get_running_loop().create_task(_heartbeat(proxy, app[LEDGER]))
+        loop = asyncio.get_running_loop()
+        chores = [
+            loop.create_task(_heartbeat(proxy, app[LEDGER])),
+            loop.create_task(
+                keep_settlements(proxy, app[LEDGER], spool, app[METRICS], progress_every_s=settings.progress_every_s)
+            ),
+        ]
         try:
             yield
         finally:
-            heartbeat.cancel()
-            await _drain(app, settings.shutdown_grace_s)
+            for chore in chores:
+                chore.cancel()
+            await _drain(app, proxy)
+            if spool.pending:
+                # One last try; what is left stays on disk for the next process (or the worker).
+                await _replay_briefly(spool, app[LEDGER])
+            spool.close()
             await http.close()
             if worker_task is not None:
                 worker_stop.set()
@@ -147,29 +174,50 @@ def _registry(settings: Settings) -> Registry:
 
 
 async def _heartbeat(proxy: Proxy, ledger: Ledger) -> None:
-    """Keep live reservations from being swept as abandoned while their streams run."""
+    """Keep live reservations from being swept as abandoned while their streams run, and the holds
+    of spooled settlements while they wait for Redis."""
     while True:
         await asyncio.sleep(HEARTBEAT_S)
         try:
-            await ledger.extend(list((acct, req) for req, acct in proxy.live.items()))
+            held = [(acct, req) for req, acct in proxy.live.items()]
+            if proxy.spool is not None:
+                held += [(s.account_id, s.request_id) for s in proxy.spool.pending.values()]
+            await ledger.extend(held)
         except Exception as exc:
             log.warning("reservation heartbeat failed: %s", type(exc).__name__)
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    # Let in-flight streams finish (bounded); aiohttp then cancels what is left, and each
-    # cancelled request still settles in its finally.
+    # SHUTDOWN_GRACE_S counts from here, once: in-flight streams may run until its last margin;
+    # aiohttp then cancels what is left (each cancelled request settles in its finally), and _drain
+    # spools whatever settlement has not reached Redis by the deadline.
     proxy = app.get(PROXY)
     if proxy is None:
         return
     proxy.shutting_down = True
-    deadline = asyncio.get_running_loop().time() + app[SETTINGS].shutdown_grace_s
-    while proxy.live and asyncio.get_running_loop().time() < deadline:
+    loop = asyncio.get_running_loop()
+    grace = app[SETTINGS].shutdown_grace_s
+    margin, _ = shutdown_budget(grace)
+    proxy.shutdown_deadline = loop.time() + grace
+    while proxy.live and loop.time() < proxy.shutdown_deadline - margin:
         await asyncio.sleep(0.05)
 
 
-async def _drain(app: web.Application, grace_s: float) -> None:
+async def _drain(app: web.Application, proxy: Proxy) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = proxy.shutdown_deadline or loop.time() + app[SETTINGS].shutdown_grace_s
     background: set[asyncio.Task[None]] = app[BACKGROUND]
     pending = list(background)
     if pending:
-        await asyncio.wait(pending, timeout=grace_s)
+        _, late = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time() - 0.2))
+        for task in late:
+            task.cancel()  # a settlement cancelled here spools itself
+        if late:
+            await asyncio.wait(late, timeout=1.0)
+
+
+async def _replay_briefly(spool: Spool, ledger: Ledger) -> None:
+    try:
+        await asyncio.wait_for(spool.replay(ledger), timeout=0.5)
+    except Exception as exc:
+        log.warning("spool replay at shutdown stopped: %s", type(exc).__name__)

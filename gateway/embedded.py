@@ -83,15 +83,12 @@ async def bootstrap_demo(ledger: Ledger, store: Store) -> tuple[str, str]:
     """Restore the ledger from SQLite if this is a fresh in-process Redis, then make sure a demo
     account with play credit exists and give it a fresh key (keys are only ever shown once).
     Returns (account_id, api_key)."""
+    from ledger.epoch import LedgerState, history_in, open_ledger
     from ledger.rebuild import rebuild
 
-    if not await ledger.account_ids():
-        has_history = await asyncio.to_thread(lambda: bool(store.query("SELECT 1 FROM accounts LIMIT 1")))
-        if has_history:
-            restored = await rebuild(ledger, store)
-            log.info(
-                "embedded ledger restored from SQLite accounts=%d buckets=%d", restored.accounts, restored.buckets
-            )
+    if await open_ledger(ledger, history_in(store)) is LedgerState.LOST:
+        restored = await rebuild(ledger, store)
+        log.info("embedded ledger restored from SQLite accounts=%d buckets=%d", restored.accounts, restored.buckets)
     rows = await asyncio.to_thread(
         store.query, "SELECT account_id FROM accounts WHERE email = ? AND status = 'active'", (DEMO_EMAIL,)
     )

@@ -45,6 +45,13 @@ class Metrics:
         self.upstream_latency: defaultdict[tuple[tuple[str, str], ...], _Histogram] = defaultdict(_Histogram)
         self.ttfb: defaultdict[tuple[tuple[str, str], ...], _Histogram] = defaultdict(_Histogram)
         self.active_streams = 0
+        # The settlement path (issue 12): retried, spooled to disk, replayed from it, and the live
+        # streams of a dead process settled from its last progress note.
+        self.settle_retries = 0
+        self.spooled = 0
+        self.replayed = 0
+        self.interrupted = 0
+        self.spool_pending = 0
         self.auth_failures: defaultdict[tuple[tuple[str, str], ...], int] = defaultdict(int)
 
     def request(self, route: str, status: int) -> None:
@@ -93,6 +100,14 @@ class Metrics:
         out.append(f"gateway_active_streams {self.active_streams}")
         counter("gateway_tokens_total", "Tokens billed by model and kind.", self.tokens)
         counter("gateway_charge_micro_total", "Credit charged by model, in micro-units.", self.charges)
+        for name, kind, help_, value in (
+            ("gateway_settle_retries_total", "counter", "Settlement attempts retried after a Redis error.", self.settle_retries),
+            ("gateway_settlements_spooled_total", "counter", "Settlements written to the local spool.", self.spooled),
+            ("gateway_settlements_replayed_total", "counter", "Spooled settlements applied to the ledger.", self.replayed),
+            ("gateway_streams_interrupted_total", "counter", "Streams of dead processes settled from their progress note.", self.interrupted),
+            ("gateway_spool_pending", "gauge", "Settlements in this process's spool, waiting for the ledger.", self.spool_pending),
+        ):
+            out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
         counter(
             "gateway_auth_failures_total",
             "Failed API key authentications: rejected (401) and throttled (429, too many per address).",

@@ -50,7 +50,15 @@ def client_format(path: str) -> str:
     return "plain"
 
 
+RESTORING = (
+    "The ledger is being restored after a Redis failure; nothing was charged. Retry in a few minutes."
+)
+
+
 def ledger_to_gateway(err: LE.LedgerError) -> E.GatewayError:
+    if isinstance(err, LE.LedgerLost):
+        # Never a 401: the key is fine, the ledger is not (a 401 makes Claude Code ask for a new login).
+        return E.ServiceUnavailable(RESTORING, headers={"retry-after": "60"})
     if isinstance(err, LE.InsufficientFunds):
         return E.InsufficientCredit(
             "Not enough credit for this request. Top up on the dashboard, then retry.",

@@ -23,13 +23,16 @@ import aiohttp
 import orjson
 from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ledger import errors as LE
 from ledger.ledger import Ledger, Settlement
 from ledger.money import iso_ms
+from ledger.spool import Spool, Spooled
 
 from . import errors as E
+from . import tokens
 from .appkeys import REQUEST_ID
 from .auth import REVOKED, KeyCache, authenticate_cached
 from .estimate import PromptEstimate
@@ -46,8 +49,9 @@ __all__ = ["Proxy"]
 
 log = logging.getLogger("gateway.proxy")
 
-# About 40 s of retries in all: well inside a reservation's 300 s deadline.
-SETTLE_ATTEMPTS = 12
+# A few quick tries (the Redis client already retries a stale connection), then the spool: a
+# settlement is never dropped, and a web process never queues minutes of retries in memory.
+SETTLE_ATTEMPTS = 3
 
 @dataclass(slots=True)
 class Exchange:
@@ -82,6 +86,19 @@ class Exchange:
 
 
 
+Counted = tuple[int, int, str]
+
+
+def _word_boundary(text: str, *, longest_word: int = 2048) -> int:
+    """Where `text` may be cut so that counting both sides adds up to counting the whole: before the
+    last whitespace that follows a non-space (the tokenizer's words start with their space). A text
+    without one is cut at its end once it is long (CJK), overcounting by a token at most."""
+    for i in range(len(text) - 1, 0, -1):
+        if text[i].isspace() and not text[i - 1].isspace():
+            return i
+    return len(text) if len(text) > longest_word else 0
+
+
 def _amount(micro: int) -> str:
     """Micro-units as currency for people: 54_000 -> '0.054', 12_500_000 -> '12.50'."""
     whole, frac = divmod(micro, 1_000_000)
@@ -114,6 +131,10 @@ class Proxy:
         self.metrics = metrics
         self.background = background
         self.live: dict[str, str] = {}  # request_id -> account_id, for the reservation heartbeat
+        # The same requests' bookkeeping, for the progress notes a process killed with -9 leaves.
+        self.exchanges: dict[str, Exchange] = {}
+        # Settlements Redis did not take wait here (on disk) until it does; None: log and lose them.
+        self.spool: Spool | None = None
         self.key_cache = KeyCache()
         self.timeout = aiohttp.ClientTimeout(
             total=None,
@@ -125,6 +146,7 @@ class Proxy:
         # Set when the server shuts down: a stream cancelled then is recorded as cut by us, not by the
         # client, so a disputed charge can be told apart.
         self.shutting_down = False
+        self.shutdown_deadline = 0.0  # loop time by which the process must be gone (set at SIGTERM)
 
     # ----- request intake ----------------------------------------------------------------------
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -211,6 +233,7 @@ class Proxy:
             prices=prices,
         )
         self.live[request_id] = key.account_id
+        self.exchanges[request_id] = ex
         try:
             return await self._forward(request, ex, body)
         except asyncio.CancelledError:
@@ -230,6 +253,7 @@ class Proxy:
             raise
         finally:
             self.live.pop(request_id, None)
+            self.exchanges.pop(request_id, None)
             # Settle off the response path: a non-streamed answer goes out now, and a keep-alive
             # connection's next request does not queue behind this one's Redis round trip. The task
             # is not tied to this handler, so a cancellation (client gone) cannot stop it; shutdown
@@ -411,60 +435,127 @@ class Proxy:
             self.metrics.active_streams -= 1
 
     # ----- settlement -----------------------------------------------------------------------------
-    async def _settle(self, ex: Exchange) -> None:
+    async def bill(self, ex: Exchange, *, status: str | None = None) -> Spooled:
+        """What to settle for the exchange now: its charge and metering row (ids and counts only)."""
+        # Nothing produced and nothing reported (the upstream refused, or the client left first):
+        # an all-zero usage, so the row records the request and the hold goes back in full.
+        usage, estimated = Usage(), False
+        if ex.produced or ex.tracker.usage is not None:
+            # The exact prompt count only when the upstream did not say how much input it read.
+            prompt = await ex.prompt.exact() if ex.tracker.needs_prompt_estimate else 0
+            usage, estimated = await ex.tracker.result_async(prompt)
+        return self._bill(ex, usage, estimated, status)
+
+    async def progress_note(self, ex: Exchange, counted: Counted) -> tuple[Spooled, Counted]:
+        """What a live stream would be billed if its process died now (status `interrupted`).
+        Counts only the output since the previous note: `counted` = (pieces read, tokens counted,
+        the text after the last word boundary, not counted yet: a token may straddle two pieces)."""
+        pieces, output, carry = counted
+        usage, estimated = Usage(), False
+        if ex.produced or ex.tracker.usage is not None:
+            text, pieces = ex.tracker.pieces_after(pieces)
+            text = carry + text
+            cut = _word_boundary(text)
+            if cut:
+                output += await tokens.count_text_async(text[:cut])
+            carry = text[cut:]
+            tail = tokens.count_text(carry) if carry else 0
+            prompt = await ex.prompt.exact() if ex.tracker.needs_prompt_estimate else 0
+            usage, estimated = ex.tracker.result_given(prompt, output + tail)
+        return self._bill(ex, usage, estimated, "interrupted"), (pieces, output, carry)
+
+    def bill_now(self, ex: Exchange, *, status: str | None = None) -> Spooled:
+        """`bill` without leaving the loop (the output is counted here): for a cancelled settlement."""
+        usage, estimated = Usage(), False
+        if ex.produced or ex.tracker.usage is not None:
+            prompt = ex.prompt.exact_now() if ex.tracker.needs_prompt_estimate else 0
+            usage, estimated = ex.tracker.result(prompt)
+        return self._bill(ex, usage, estimated, status)
+
+    def _bill(self, ex: Exchange, usage: Usage, estimated: bool, status: str | None) -> Spooled:
         model = ex.model
+        p = ex.prices
+        charge = charge_micro(usage, hit=p.hit, miss=p.miss, out=p.out, write=p.write)
+        finished = self.ledger.now_ms()
+        metering = {
+            "request_id": ex.request_id,
+            "key_id": ex.key_id,
+            "model": model.name,
+            "provider": model.provider.name,
+            "upstream_model": model.upstream_model,
+            "input_cache_hit_tokens": usage.input_cache_hit,
+            "input_cache_miss_tokens": usage.metered_miss,  # cache writes included (SPEC 7)
+            "cache_write_tokens": usage.cache_write,
+            "output_tokens": usage.output,
+            "status": status or ex.status,
+            "estimated": estimated,
+            "started_at": iso_ms(ex.started_ms),
+            "finished_at": iso_ms(finished),
+            "latency_ms": finished - ex.started_ms,
+        }
+        return Spooled(ex.account_id, ex.request_id, charge, metering)
+
+    async def _settle(self, ex: Exchange) -> None:
         try:
             if ex.status == "bad_request":
                 await self.ledger.release(ex.account_id, ex.request_id, reason="bad_request")
                 return
-            # Nothing produced and nothing reported (the upstream refused, or the client left first):
-            # an all-zero usage, so the row records the request and the hold goes back in full.
-            usage, estimated = Usage(), False
-            if ex.produced or ex.tracker.usage is not None:
-                # The exact prompt count only when the upstream did not say how much input it read.
-                prompt = await ex.prompt.exact() if ex.tracker.needs_prompt_estimate else 0
-                usage, estimated = await ex.tracker.result_async(prompt)
-            p = ex.prices
-            charge = charge_micro(usage, hit=p.hit, miss=p.miss, out=p.out, write=p.write)
-            hit, miss, write, out = usage.input_cache_hit, usage.metered_miss, usage.cache_write, usage.output
-            finished = self.ledger.now_ms()
-            metering = {
-                "request_id": ex.request_id,
-                "key_id": ex.key_id,
-                "model": model.name,
-                "provider": model.provider.name,
-                "upstream_model": model.upstream_model,
-                "input_cache_hit_tokens": hit,
-                "input_cache_miss_tokens": miss,  # cache writes included (SPEC 7)
-                "cache_write_tokens": write,
-                "output_tokens": out,
-                "status": ex.status,
-                "estimated": estimated,
-                "started_at": iso_ms(ex.started_ms),
-                "finished_at": iso_ms(finished),
-                "latency_ms": finished - ex.started_ms,
-            }
-            settlement = await self._settle_with_retry(ex, charge, metering)
-            self.metrics.usage(model.name, hit, miss, out, settlement.charged_micro)
-            log.info(
-                "settled request_id=%s model=%s status=%s in=%d/%d out=%d charge_micro=%d shortfall_micro=%d",
-                ex.request_id, model.name, ex.status, hit, miss, out, settlement.charged_micro, settlement.shortfall_micro,
-            )
+            bill = await self.bill(ex)
+        except asyncio.CancelledError:
+            self._to_spool(self.bill_now(ex), "shutdown")
+            raise
         except Exception as exc:
             # The reservation stays; the worker releases it after its deadline. Ids only in the log.
             log.error("settle failed request_id=%s error=%s", ex.request_id, type(exc).__name__)
+            return
+        try:
+            settlement = await self._settle_with_retry(bill)
+        except asyncio.CancelledError:
+            # Shutdown's deadline came first: the settlement waits on disk for the next process.
+            self._to_spool(bill, "shutdown")
+            raise
+        except (LE.LedgerLost, RedisError, OSError) as exc:
+            self._to_spool(bill, type(exc).__name__)
+            return
+        except Exception as exc:
+            log.error("settle failed request_id=%s error=%s", ex.request_id, type(exc).__name__)
+            return
+        m = bill.metering
+        self.metrics.usage(
+            ex.model.name, m["input_cache_hit_tokens"], m["input_cache_miss_tokens"], m["output_tokens"],
+            settlement.charged_micro,
+        )
+        log.info(
+            "settled request_id=%s model=%s status=%s in=%d/%d out=%d charge_micro=%d shortfall_micro=%d",
+            ex.request_id, ex.model.name, ex.status, m["input_cache_hit_tokens"], m["input_cache_miss_tokens"],
+            m["output_tokens"], settlement.charged_micro, settlement.shortfall_micro,
+        )
 
-    async def _settle_with_retry(self, ex: Exchange, charge: int, metering: dict[str, Any]) -> Settlement:
-        """Settle is idempotent on the request id, so a Redis blip is retried (capped backoff, jitter)
-        well inside the reservation's deadline instead of leaving the answer unbilled."""
+    def _to_spool(self, bill: Spooled, why: str) -> None:
+        if self.spool is None:
+            log.error("settlement lost request_id=%s error=%s", bill.request_id, why)
+            return
+        self.spool.add(bill)
+        self.metrics.spooled += 1
+        log.warning(
+            "settlement spooled until the ledger answers request_id=%s charge_micro=%d error=%s",
+            bill.request_id, bill.charge_micro, why,
+        )
+
+    async def _settle_with_retry(self, bill: Spooled) -> Settlement:
+        """Settle is idempotent on the request id, so a Redis blip is retried (briefly, with jitter);
+        what still fails goes to the spool."""
         delay = 0.05
         for attempt in range(SETTLE_ATTEMPTS):
             try:
-                return await self.ledger.settle(ex.account_id, ex.request_id, charge, metering=metering)
+                return await self.ledger.settle(
+                    bill.account_id, bill.request_id, bill.charge_micro, metering=bill.metering
+                )
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 if attempt == SETTLE_ATTEMPTS - 1:
                     raise
-                log.warning("settle retry request_id=%s attempt=%d", ex.request_id, attempt + 1)
+                self.metrics.settle_retries += 1
+                log.warning("settle retry request_id=%s attempt=%d", bill.request_id, attempt + 1)
                 await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 1.0)
         raise AssertionError("unreachable")

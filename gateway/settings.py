@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ledger.config import ConfigError as LedgerConfigError
+from ledger.config import done_ttl_from
 from ledger.money import parse_amount
 
 __all__ = ["ConfigError", "Settings"]
@@ -64,6 +66,13 @@ def _amount(env: Mapping[str, str], name: str, default: str) -> int:
         raise ConfigError(f"{name}: {e}") from None
 
 
+def _done_ttl(env: Mapping[str, str]) -> int:
+    try:
+        return done_ttl_from(env)
+    except LedgerConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -97,6 +106,13 @@ class Settings:
     topup_min: int = 20
     topup_max: int = 100_000
     shutdown_grace_s: float = 30.0
+    # How long Redis keeps each finished request's outcome (rd:*), for retried and replayed settlements.
+    ledger_done_ttl_s: int = 7 * 24 * 3600
+    # How often a live stream's progress (tokens so far) is noted on disk, for a process killed with -9.
+    progress_every_s: float = 5.0
+    # The worker: how often it runs reconcile, and the port of its /metrics (0: none).
+    reconcile_every_s: float = 300.0
+    worker_metrics_port: int = 0
     count_tokens_max_bytes: int = 4 * 1024 * 1024
     count_tokens_concurrency: int = 2
     auth_failure_limit: int = 20
@@ -181,6 +197,10 @@ class Settings:
             topup_min=_int(env, "TOPUP_MIN", 20, minimum=1),
             topup_max=_int(env, "TOPUP_MAX", 100_000, minimum=1),
             shutdown_grace_s=_float(env, "SHUTDOWN_GRACE_S", 30.0),
+            ledger_done_ttl_s=_done_ttl(env),
+            progress_every_s=_float(env, "PROGRESS_EVERY_S", 5.0),
+            reconcile_every_s=_float(env, "RECONCILE_EVERY_S", 300.0),
+            worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 0),
             count_tokens_max_bytes=_int(env, "COUNT_TOKENS_MAX_BYTES", 4 * 1024 * 1024, minimum=1024),
             count_tokens_concurrency=_int(env, "COUNT_TOKENS_CONCURRENCY", 2, minimum=1),
             auth_failure_limit=_int(env, "AUTH_FAILURE_LIMIT", 20, minimum=1),

@@ -314,6 +314,21 @@ class UsageTracker:
             return Usage(reported.input_cache_hit, reported.input_cache_miss, 0, reported.cache_write)
         return Usage(input_cache_miss=max(prompt_estimate, 0))
 
+    def pieces_after(self, start: int) -> tuple[str, int]:
+        """The output text after the first `start` pieces, and how many pieces there are now: lets a
+        progress note count only what is new since the last one (never logged, never stored)."""
+        return "".join(self._pieces[start:]), len(self._pieces)
+
+    def result_given(self, prompt_estimate: int, output_estimate: int) -> UsageResult:
+        """``result`` with our count of the output already made (progress notes count it piece by
+        piece as the stream goes, instead of the whole text every time)."""
+        if self._final and self._usage is not None:
+            return UsageResult(self._usage, False)
+        usage = self._partial_input(prompt_estimate)
+        reported = self._usage
+        usage.output = max(reported.output if reported is not None else 0, output_estimate)
+        return UsageResult(usage, True)
+
     async def result_async(self, prompt_estimate: int) -> UsageResult:
         """``result`` with the fallback count off the loop when the output is large."""
         if self._final and self._usage is not None:

@@ -7,7 +7,9 @@ import asyncio
 import csv
 import os
 import signal
+import sqlite3
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,11 +22,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys as K
 from .config import ConfigError, LedgerConfig
-from .errors import LedgerError
+from .epoch import history_in, open_ledger
+from .errors import LedgerError, LedgerLost
 from .journal import JournalWorker
 from .ledger import DEFAULT_BUCKET_LIFE_S, Ledger
 from .money import iso_ms, parse_amount
-from .rebuild import RebuildRefused, rebuild
+from .rebuild import RebuildRefused, rebuild, repair
 from .reconcile import drain_all, reconcile
 from .redis_client import AnyRedis, connect
 from .store import METERING_COLUMNS, Store
@@ -53,6 +56,7 @@ class Ctx:
     environ: Mapping[str, str] = field(default_factory=dict)
 
     async def ledger(self) -> Ledger:
+        opened = self._redis is not None
         if self._redis is None:
             try:
                 url = self.config.resolve_redis_url()
@@ -64,7 +68,12 @@ class Ctx:
                 await self._redis.ping()
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 raise Refused("cannot reach the ledger's Redis (check REDIS_URL)") from None
-        return Ledger(self._redis, self.config.keyspace)
+        ledger = Ledger(self._redis, self.config.keyspace, done_ttl_s=self.config.done_ttl_s)
+        if not opened:
+            # A new ledger gets its epoch markers here; a lost one stays lost (commands refuse with
+            # LedgerLost, `rebuild` restores it).
+            await open_ledger(ledger, history_in(self.store()))
+        return ledger
 
     def store(self) -> Store:
         if self._store is None:
@@ -271,6 +280,37 @@ async def cmd_rebuild(ctx: Ctx, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_backup(ctx: Ctx, a: argparse.Namespace) -> int:
+    dest = os.path.abspath(a.dest)
+    if os.path.exists(dest):
+        raise Refused(f"{dest} exists; give a new file name")
+    ctx.store()  # the schema exists before it is copied
+
+    def copy() -> int:
+        # SQLite's online backup: a consistent snapshot while the worker keeps writing.
+        src = sqlite3.connect(ctx.config.database_path)
+        out = sqlite3.connect(dest)
+        try:
+            src.backup(out)
+            return int(out.execute("SELECT count(*) FROM accounts").fetchone()[0])
+        finally:
+            out.close()
+            src.close()
+
+    accounts = await asyncio.to_thread(copy)
+    ctx.audit("backup", dest, {"accounts": accounts}, int(time.time() * 1000))
+    ctx.emit({"path": dest, "accounts": accounts})
+    return EXIT_OK
+
+
+async def cmd_repair(ctx: Ctx, a: argparse.Namespace) -> int:
+    result = await repair(await ctx.ledger(), ctx.store(), actor=ctx.config.actor)
+    ctx.emit(result.as_json())
+    if result.problems_after:
+        raise Refused(f"{len(result.problems_after)} problem(s) left after the repair; see docs/operations.md")
+    return EXIT_OK
+
+
 async def cmd_migrate(ctx: Ctx, a: argparse.Namespace) -> int:
     ctx.emit({"version": ctx.store().migrate()})
     return EXIT_OK
@@ -385,8 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(sub, "expire", cmd_expire, "forfeit what expired now")
     cmd(sub, "reconcile", cmd_reconcile, "check conservation in Redis and SQLite")
     cmd(sub, "rebuild", cmd_rebuild, "restore Redis from SQLite after Redis was lost").add_argument(
-        "--force", action="store_true", help="replace a ledger that still has keys"
+        "--force", action="store_true", help="replace a live (whole) ledger from SQLite: a repair"
     )
+    cmd(sub, "repair", cmd_repair, "fix what reconcile flags from SQLite (audited)")
+    cmd(sub, "backup", cmd_backup, "a consistent copy of the SQLite history, for off-site").add_argument("dest")
     cmd(sub, "migrate", cmd_migrate, "create or upgrade the SQLite schema")
     t = cmd(sub, "topups", cmd_topups, "list top-ups (Omise charges and what became of them)")
     t.add_argument("--status", choices=("pending", "successful", "failed", "expired"))
@@ -438,6 +480,9 @@ def run_cli(
     except BadUsage as exc:
         sys.stderr.write(f"{name}: {exc}\n")
         return EXIT_USAGE
+    except LedgerLost:
+        sys.stderr.write(f"ledger {name}: the ledger's Redis lost its data; run `python -m ledger rebuild`\n")
+        return EXIT_REFUSED
     except (Refused, LedgerError) as exc:
         sys.stderr.write(f"{name}: {exc}\n")
         return EXIT_REFUSED

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .keys import Keyspace
 
-__all__ = ["EMBEDDED_URL_FILE", "ConfigError", "LedgerConfig", "embedded_url_path"]
+__all__ = ["EMBEDDED_URL_FILE", "ConfigError", "LedgerConfig", "done_ttl_from", "embedded_url_path"]
 
 # `python -m gateway serve` without REDIS_URL writes the loopback URL of its in-process Redis here,
 # next to the database, so that the ops CLI run beside it reaches the same ledger.
@@ -32,6 +32,7 @@ class LedgerConfig:
     shards: int
     actor: str
     currency: str
+    done_ttl_s: int = 7 * 24 * 3600
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LedgerConfig:
@@ -44,6 +45,7 @@ class LedgerConfig:
         if not 1 <= shards <= 256:
             raise ConfigError("LEDGER_SHARDS must be between 1 and 256")
         prefix = env.get("LEDGER_PREFIX", "cp") or "cp"
+        done_ttl_s = done_ttl_from(env)
         actor = env.get("LEDGER_ACTOR") or env.get("USER") or env.get("LOGNAME") or _os_user()
         return cls(
             redis_url=env.get("REDIS_URL") or None,
@@ -52,6 +54,7 @@ class LedgerConfig:
             shards=shards,
             actor=actor,
             currency=env.get("CURRENCY") or "THB",
+            done_ttl_s=done_ttl_s,
         )
 
     @property
@@ -73,6 +76,22 @@ class LedgerConfig:
         if not url:
             raise ConfigError(f"{path} is empty; restart `python -m gateway serve` or set REDIS_URL")
         return url
+
+
+MIN_DONE_TTL_S = 3600
+
+
+def done_ttl_from(env: Mapping[str, str]) -> int:
+    """LEDGER_DONE_TTL_S: how long Redis keeps a finished request's outcome (one small `rd:*` key per
+    request), so a retried or replayed settlement answers "done" instead of charging again."""
+    raw = env.get("LEDGER_DONE_TTL_S") or str(7 * 24 * 3600)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError("LEDGER_DONE_TTL_S must be an integer number of seconds") from None
+    if value < MIN_DONE_TTL_S:
+        raise ConfigError(f"LEDGER_DONE_TTL_S must be at least {MIN_DONE_TTL_S} (an hour)")
+    return value
 
 
 def _os_user() -> str:

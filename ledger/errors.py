@@ -8,6 +8,7 @@ __all__ = [
     "InsufficientFunds",
     "KeyLimit",
     "LedgerError",
+    "LedgerLost",
     "NotRefundable",
     "UnknownAccount",
     "UnknownBucket",
@@ -54,3 +55,10 @@ class KeyLimit(LedgerError):
 
 class NotRefundable(LedgerError):
     pass
+
+
+class LedgerLost(LedgerError):
+    """The ledger's Redis lost its data (no epoch marker): nothing may act on it until `rebuild`."""
+
+    def __init__(self, message: str = "the ledger is being restored") -> None:
+        super().__init__(message)

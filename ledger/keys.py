@@ -112,6 +112,10 @@ class Keyspace:
     def journal(self, shard: int) -> str:
         return self.shard_prefix(shard) + "j"
 
+    def epoch(self, shard: int) -> str:
+        """The shard's marker that its data is whole (see ledger/epoch.py)."""
+        return self.shard_prefix(shard) + "epoch"
+
     def pfx_for(self, ident: str) -> str:
         return self.shard_prefix(shard_of(ident))
 

@@ -21,6 +21,7 @@ from .errors import (
     InsufficientFunds,
     KeyLimit,
     LedgerError,
+    LedgerLost,
     NotRefundable,
     UnknownAccount,
     UnknownBucket,
@@ -167,11 +168,14 @@ class Ledger:
         keyspace: K.Keyspace | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        done_ttl_s: int = DONE_TTL_S,
     ) -> None:
         # Any: the client decodes responses to str, which redis-py's annotations cannot express.
         self.redis: Any = redis
         self.keys = keyspace or K.Keyspace()
         self.clock = clock
+        # How long a finished request's outcome (rd:*) answers a retried settle or reserve.
+        self.done_ttl_s = done_ttl_s
         self._scripts = Scripts(redis)
 
     async def load_scripts(self) -> None:
@@ -181,8 +185,19 @@ class Ledger:
         return int(self.clock() * 1000)
 
     async def _run(self, name: str, ident: str, *args: str | int) -> list[Any]:
-        result: list[Any] = await self._scripts(name, self.keys.journal(K.shard_of(ident)), *args)
+        return await self._run_shard(name, K.shard_of(ident), *args)
+
+    async def _run_shard(self, name: str, shard: int, *args: str | int) -> list[Any]:
+        result: list[Any] = await self._scripts(name, self.keys.journal(shard), *args)
+        if result and result[0] == "no_ledger":
+            raise LedgerLost()
         return result
+
+    async def _confirm_absent(self, pfx: str) -> None:
+        """A read found nothing: make sure that is an answer and not a Redis that lost its data (which
+        would turn every key into 'invalid' and every account into 'unknown'). Only on the miss path."""
+        if not await self.redis.exists(pfx + "epoch"):
+            raise LedgerLost()
 
     # ----- accounts -------------------------------------------------------------------------
     async def create_account(
@@ -215,7 +230,10 @@ class Ledger:
 
     async def find_account_by_sub(self, sub: str) -> str | None:
         shard = K.shard_for_subject(sub, self.keys.shards)
-        got: str | None = await self.redis.get(self.keys.shard_prefix(shard) + "sub:" + K.hash_subject(sub))
+        pfx = self.keys.shard_prefix(shard)
+        got: str | None = await self.redis.get(pfx + "sub:" + K.hash_subject(sub))
+        if got is None:
+            await self._confirm_absent(pfx)
         return got
 
     async def account(self, account_id: str) -> AccountInfo | None:
@@ -225,7 +243,9 @@ class Ledger:
             return None
         h = await self.redis.hgetall(pfx + "a:" + account_id)
         if not h.get("status"):
-            # Nothing, or a fragment without the record (a stray field written by hand): no account.
+            if not h:
+                await self._confirm_absent(pfx)  # nothing at all: a lost ledger, or no such account
+            # A fragment without the record (a stray field written by hand): no account.
             return None
 
         def n(name: str) -> int:
@@ -335,6 +355,7 @@ class Ledger:
             return None
         got = await self.redis.hmget(pfx + "kh:" + K.hash_api_key(key), "account", "key_id")
         if got[0] is None:
+            await self._confirm_absent(pfx)  # a lost ledger is 503 "being restored", never 401
             return None
         return KeyRef(account_id=got[0], key_id=got[1])
 
@@ -428,7 +449,7 @@ class Ledger:
         _check_amount(charge_micro, "charge")
         res = await self._run(
             "settle", account_id, request_id, account_id, charge_micro, self.now_ms(),
-            orjson.dumps(metering).decode(),
+            orjson.dumps(metering).decode(), self.done_ttl_s,
         )
         return Settlement(
             charged_micro=int(res[1]),
@@ -438,7 +459,9 @@ class Ledger:
         )
 
     async def release(self, account_id: str, request_id: str, *, reason: str = "released") -> int:
-        res = await self._run("release", account_id, request_id, account_id, self.now_ms(), reason)
+        res = await self._run(
+            "release", account_id, request_id, account_id, self.now_ms(), reason, self.done_ttl_s
+        )
         return int(res[1]) if res[0] == "ok" else 0
 
     async def refund(
@@ -478,7 +501,7 @@ class Ledger:
         now = self.now_ms()
         for shard in self.keys.all_shards():
             while True:
-                res = await self._scripts("expire", self.keys.journal(shard), now, limit)
+                res = await self._run_shard("expire", shard, now, limit)
                 buckets += int(res[0])
                 total += int(res[1])
                 if int(res[0]) < limit:
@@ -503,7 +526,9 @@ class Ledger:
         for shard in self.keys.all_shards():
             for account, req in await self.stale_reservations(shard):
                 # Count by outcome, not by amount: a partial reservation may hold 0.
-                res = await self._run("release", account, req, account, self.now_ms(), "abandoned")
+                res = await self._run(
+                    "release", account, req, account, self.now_ms(), "abandoned", self.done_ttl_s
+                )
                 if res[0] == "ok":
                     n += 1
         return n

@@ -1,5 +1,11 @@
 """Restore the live ledger in Redis from the SQLite history after Redis was lost.
 
+Safe with traffic running: the epoch markers go first, so from then on every ledger script refuses
+(requests get 503 "being restored", settlements wait in the web processes' spools); what the
+surviving shards journaled is drained into SQLite; every remaining ledger key is deleted; the
+restore runs; new markers go last, and the spools replay onto the restored ledger. A rebuild that
+stops half way leaves a "rebuilding" key, so nothing adopts the half-restored ledger; run it again.
+
 Every key and field is written as the Lua scripts write them (see ledger/lua/*.lua): accounts with
 their counters, the sub index, buckets with their expiry indexes and credit references, live API keys,
 open reservations, recent outcomes (so a retried settle still answers "exists"), refund records,
@@ -13,14 +19,15 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from .epoch import clear_epoch, epochs, mark_rebuilding, new_epoch, write_epoch
 from .keys import hash_subject
-from .ledger import DONE_TTL_S, RESERVATION_TTL_S, Ledger
+from .ledger import RESERVATION_TTL_S, Ledger
 from .personal import new_account_key
 from .reconcile import drain_all
 from .redis_client import delete_keys, scan_keys
 from .store import Store
 
-__all__ = ["RebuildRefused", "RebuildResult", "ledger_key_count", "rebuild"]
+__all__ = ["RebuildRefused", "RebuildResult", "RepairResult", "ledger_key_count", "rebuild", "repair"]
 
 _CHUNK = 500
 
@@ -37,7 +44,7 @@ class RebuildResult:
     reservations: int
 
     def as_json(self) -> dict[str, int]:
-        return {"accounts": self.accounts, "buckets": self.buckets}
+        return {"accounts": self.accounts, "buckets": self.buckets}  # SPEC 6
 
 
 async def ledger_key_count(ledger: Ledger, *, limit: int = 1) -> int:
@@ -80,8 +87,8 @@ class _ShardWrites:
         self._pending.clear()
 
 
-def _read_history(store: Store, now_ms: int) -> dict[str, list[Any]]:
-    done_since = now_ms - DONE_TTL_S * 1000
+def _read_history(store: Store, now_ms: int, done_ttl_s: int) -> dict[str, list[Any]]:
+    done_since = now_ms - done_ttl_s * 1000
     q = store.query
     return {
         "accounts": q(
@@ -107,28 +114,35 @@ def _read_history(store: Store, now_ms: int) -> dict[str, list[Any]]:
 async def rebuild(
     ledger: Ledger, store: Store, *, force: bool = False, actor: str = "system"
 ) -> RebuildResult:
-    """Refuses (RebuildRefused) while any ledger key exists, unless force: then the journal is
-    drained into SQLite first and every ledger key is deleted before the restore."""
+    """Restore the ledger from SQLite. Refuses (RebuildRefused) when every shard still has its epoch
+    marker (the ledger is whole) unless force: then the live ledger is replaced from SQLite after its
+    journal is drained."""
     r, ks = ledger.redis, ledger.keys
-    if await ledger_key_count(ledger):
-        if not force:
-            raise RebuildRefused(
-                "the ledger's Redis keys still exist; rebuild is for a lost Redis (use --force)"
-            )
-        await drain_all(ledger, store)
-        batch: list[str] = []
-        async for key in scan_keys(r, ks.pattern()):
+    before = await epochs(ledger)
+    whole = all(e is not None for e in before)
+    if whole and not force:
+        raise RebuildRefused(
+            "the ledger is whole (every shard has its epoch marker); rebuild restores a lost one "
+            "(--force replaces a live ledger from SQLite)"
+        )
+    await mark_rebuilding(ledger, True)
+    await clear_epoch(ledger)  # every script refuses from here: nothing moves during the restore
+    await drain_all(ledger, store)  # what the shards that kept their data journaled
+    keep = {ks.shard_prefix(0) + "rebuilding"}
+    batch: list[str] = []
+    async for key in scan_keys(r, ks.pattern()):  # every primary of a cluster
+        if key not in keep:
             batch.append(key)
-            if len(batch) >= _CHUNK:
-                await delete_keys(r, batch)
-                batch = []
-        await delete_keys(r, batch)
+        if len(batch) >= _CHUNK:
+            await delete_keys(r, batch)  # one DEL per hash slot
+            batch = []
+    await delete_keys(r, batch)
     # The streams start again from nothing: forget where the old ones were, before anything new
     # can be journaled and drained.
     await asyncio.to_thread(store.reset_cursors)
 
     now = ledger.now_ms()
-    h = await asyncio.to_thread(_read_history, store, now)
+    h = await asyncio.to_thread(_read_history, store, now, ledger.done_ttl_s)
     available = {acct: int(total or 0) for acct, total in h["available"]}
     status_of = {a["account_id"]: a["status"] for a in h["accounts"]}
     writes = _ShardWrites(r)
@@ -242,7 +256,7 @@ async def rebuild(
         else:
             done = {"outcome": "released"}
         pipe.hset(pfx + "rd:" + req, mapping=done)
-        ttl_s = max(1, (int(res["finished_ms"]) + DONE_TTL_S * 1000 - now) // 1000)
+        ttl_s = max(1, (int(res["finished_ms"]) + ledger.done_ttl_s * 1000 - now) // 1000)
         pipe.expire(pfx + "rd:" + req, ttl_s)
         await writes.done(pfx)
 
@@ -285,6 +299,9 @@ async def rebuild(
             pipe.zadd(pfx + "tp", {tid: int(tp["created_ms"])})
         await writes.done(pfx)
     await writes.flush_all()
+    # Last: the markers make the restored ledger live again (and the spools replay onto it).
+    await write_epoch(ledger, new_epoch(now))
+    await mark_rebuilding(ledger, False)
 
     result = RebuildResult(
         accounts=len(h["accounts"]),
@@ -303,8 +320,57 @@ async def rebuild(
                 "keys": result.keys,
                 "open_reservations": result.reservations,
                 "force": force,
+                "shards_with_marker": sum(e is not None for e in before),
             },
             at_ms=now,
         )
     )
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class RepairResult:
+    problems_before: list[str]
+    problems_after: list[str]
+    rebuilt: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ok": not self.problems_after,
+            "rebuilt": self.rebuilt,
+            "problems_before": self.problems_before,
+            "problems_after": self.problems_after,
+        }
+
+
+async def repair(ledger: Ledger, store: Store, *, actor: str = "system") -> RepairResult:
+    """What reconcile flags, repaired from SQLite (the record of every applied journal event):
+    drain, check; when anything is wrong, release holds past their deadline and check again; still
+    wrong, replace the live ledger from SQLite (`rebuild --force`) and check again. Audited."""
+    from .reconcile import reconcile
+
+    before = await reconcile(ledger, store)
+    if before.ok:
+        return RepairResult([], [], rebuilt=False)
+    released = await ledger.release_stale()
+    mid = await reconcile(ledger, store) if released else before
+    rebuilt = False
+    if not mid.ok:
+        await rebuild(ledger, store, force=True, actor=actor)
+        rebuilt = True
+    after = await reconcile(ledger, store) if (released or rebuilt) else mid
+    await asyncio.to_thread(
+        lambda: store.audit(
+            actor=actor,
+            action="repair",
+            target="ledger",
+            detail={
+                "problems_before": before.problems[:50],
+                "stale_holds_released": released,
+                "rebuilt": rebuilt,
+                "problems_after": after.problems[:50],
+            },
+            at_ms=ledger.now_ms(),
+        )
+    )
+    return RepairResult(before.problems, after.problems, rebuilt)

@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
@@ -31,6 +31,8 @@ from redis.exceptions import (
     TimeoutError,
     TryAgainError,
 )
+
+from .connection import redis_client
 
 __all__ = [
     "FAILOVER_WAIT_S",
@@ -108,7 +110,6 @@ async def connect(
     pool_size: int = POOL_SIZE,
     pool_wait_s: float = POOL_WAIT_S,
     failover_wait_s: float = FAILOVER_WAIT_S,
-    health_check_interval: int = 30,
 ) -> AnyRedis:
     """A client for `url` (decoded responses): a cluster client when the node says it is in a cluster.
     Raises redis' ConnectionError when the node does not answer."""
@@ -118,7 +119,9 @@ async def connect(
             decode_responses=True,
             max_in_flight=pool_size,
             failover_wait_s=failover_wait_s,
-            health_check_interval=health_check_interval,
+            health_check_interval=30,
+            socket_connect_timeout=2.0,
+            socket_timeout=10.0,
         )
         try:
             await cluster.initialize()
@@ -126,15 +129,8 @@ async def connect(
             await cluster.aclose()
             raise
         return cluster
-    # Blocking pool: past its size a command waits for a free connection.
-    pool = BlockingConnectionPool.from_url(
-        url,
-        decode_responses=True,
-        health_check_interval=health_check_interval,
-        max_connections=pool_size,
-        timeout=pool_wait_s,
-    )
-    return Redis.from_pool(pool)
+    # Blocking pool (past its size a command waits) with a retry for connections gone stale.
+    return redis_client(url, pool_size=pool_size, pool_wait_s=pool_wait_s)
 
 
 async def _cluster_enabled(url: str) -> bool:

@@ -15,6 +15,7 @@ import fakeredis
 import pytest
 import redis.asyncio as aioredis
 
+from ledger.epoch import open_ledger
 from ledger.keys import Keyspace
 from ledger.ledger import Ledger
 from ledger.redis_client import connect, delete_keys, scan_keys
@@ -92,4 +93,10 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def ledger(redis_client: aioredis.Redis, clean_keyspace: Keyspace, clock: Clock) -> Ledger:
-    return Ledger(redis_client, clean_keyspace, clock=clock)
+    led = Ledger(redis_client, clean_keyspace, clock=clock)
+    await open_ledger(led, no_history)  # a new ledger: its epoch markers
+    return led
+
+
+async def no_history() -> bool:
+    return False

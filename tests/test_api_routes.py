@@ -180,7 +180,7 @@ async def test_head_root_healthz_and_readyz(gw: Gateway) -> None:
     async with gw.http.get(gw.url + "/healthz") as r:
         assert r.status == 200 and (await r.json())["ok"] is True
     async with gw.http.get(gw.url + "/readyz") as r:
-        assert r.status == 200 and await r.json() == {"ok": True, "redis": "ok"}
+        assert r.status == 200 and await r.json() == {"ok": True, "redis": "ok", "ledger": "ok"}
 
 
 class RedisTap:

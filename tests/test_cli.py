@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from ledger.epoch import open_ledger
 from ledger.keys import Keyspace
 from ledger.ledger import Ledger
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, no_history
 from tests.test_journal import metering
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +73,9 @@ async def cli(tmp_path: Path) -> AsyncIterator[Cli]:
         LEDGER_ACTOR="ops-alice",
         PYTHONPATH=str(ROOT),
     )
-    yield Cli(env=env, db=tmp_path / "gateway.sqlite3", ledger=Ledger(client, keyspace))
+    led = Ledger(client, keyspace)
+    await open_ledger(led, no_history)
+    yield Cli(env=env, db=tmp_path / "gateway.sqlite3", ledger=led)
     keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
     if keys:
         await client.delete(*keys)

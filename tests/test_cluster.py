@@ -22,6 +22,7 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
+from ledger.epoch import open_ledger
 from ledger.journal import JournalWorker
 from ledger.keys import Keyspace, new_request_id, shard_of
 from ledger.ledger import Ledger
@@ -29,7 +30,7 @@ from ledger.reconcile import drain_all, reconcile
 from ledger.redis_client import BoundedCluster, connect, delete_keys, scan_keys
 from ledger.scripts import SCRIPT_NAMES, script_source
 from ledger.store import Store
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, no_history
 from tests.fakes.upstream import FakeUpstream, FakeUsage, Script
 from tests.gateway_harness import running_gateway
 from tests.ledger_invariants import check_conservation
@@ -47,6 +48,7 @@ async def cluster_ledger(redis_cluster: LocalCluster) -> AsyncIterator[Ledger]:
     keyspace = Keyspace(prefix=f"t{uuid.uuid4().hex[:10]}", shards=SHARDS)
     ledger = Ledger(client, keyspace)
     await ledger.load_scripts()
+    await open_ledger(ledger, no_history)  # a new ledger: its epoch markers
     yield ledger
     await delete_keys(client, [k async for k in scan_keys(client, f"{keyspace.prefix}:*")])
     await client.aclose()

@@ -13,11 +13,12 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio import BlockingConnectionPool
 
+from ledger.epoch import open_ledger
 from ledger.errors import ConcurrencyLimit, InsufficientFunds, NotRefundable
 from ledger.keys import Keyspace, new_request_id, shard_of
 from ledger.ledger import Ledger
 from ledger.redis_client import connect
-from tests.conftest import REDIS_URL, Clock
+from tests.conftest import REDIS_URL, Clock, no_history
 from tests.ledger_invariants import check_conservation
 
 # Also on a real Redis Cluster (tests/conftest.py).
@@ -44,7 +45,9 @@ async def pooled(
         )
     else:
         client = fakeredis.FakeAsyncRedis(decode_responses=True, max_connections=PAIRS + 100)
-    yield Ledger(client, clean_keyspace, clock=clock)
+    led = Ledger(client, clean_keyspace, clock=clock)
+    await open_ledger(led, no_history)
+    yield led
     await client.aclose()
 
 

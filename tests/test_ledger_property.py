@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ledger import keys as K
+from ledger.epoch import open_ledger
 from ledger.errors import AccountClosed, InsufficientFunds, NotRefundable
 from ledger.ledger import Ledger
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, no_history
 from tests.ledger_invariants import check_conservation
 
 settings.register_profile(
@@ -373,6 +374,7 @@ async def run_operations(redis: aioredis.Redis, ops: list[tuple[Any, ...]]) -> N
     keyspace = K.Keyspace(prefix=f"p{uuid.uuid4().hex[:10]}", shards=3)
     clock = TickClock()
     ledger = Ledger(redis, keyspace, clock=clock)
+    await open_ledger(ledger, no_history)
     model = Model()
     accts = []
     try:

@@ -18,13 +18,14 @@ import redis.asyncio as aioredis
 
 from gateway.omise_api import OmiseClient
 from gateway.payments.service import Payments
+from ledger.epoch import open_ledger
 from ledger.journal import JournalWorker
 from ledger.keys import Keyspace, shard_of
 from ledger.ledger import Ledger
 from ledger.rebuild import rebuild
 from ledger.reconcile import reconcile
 from ledger.store import _V1, Store, _split_sql
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, no_history
 from tests.fakes.omise import CARD_PENDING, CARD_SUCCESS, FakeOmise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,6 +179,7 @@ async def ops(tmp_path: Path) -> AsyncIterator[Ops]:
     )
     ledger = Ledger(client, keyspace)
     await ledger.load_scripts()
+    await open_ledger(ledger, no_history)
     async with aiohttp.ClientSession() as http:
         omise = OmiseClient(fake.secret_key, http, api_base=fake.url)
         payments = Payments(ledger, omise, currency="THB", public_base_url="http://127.0.0.1:9")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from ledger.errors import KeyLimit
+from ledger.errors import KeyLimit, LedgerLost
 from ledger.keys import Keyspace
 from ledger.ledger import Ledger
 from ledger.rebuild import RebuildRefused, ledger_key_count, rebuild
@@ -41,7 +41,8 @@ async def test_flush_rebuild_reconcile_green_and_balances_match(ledger: Ledger, 
 
     await flush_ledger(ledger.redis, ledger.keys)
     assert await ledger_key_count(ledger) == 0
-    assert await ledger.lookup_key(w.key) is None
+    with pytest.raises(LedgerLost):  # a lost ledger is not "no such key"
+        await ledger.lookup_key(w.key)
 
     result = await rebuild(ledger, store, actor="ops-test")
     assert (result.accounts, result.buckets) == (3, 6)

@@ -16,6 +16,7 @@ from gateway.appkeys import DEMO
 from gateway.settings import Settings
 from gateway.web.sessions import SESSION_MAX_AGE_S, fernet_for
 from ledger.keys import Keyspace
+from ledger.rebuild import rebuild
 from tests.conftest import Clock
 from tests.fakes.oidc import FakeUser, Fault
 from tests.web_harness import SESSION_SECRET, Browser, WebGateway, _free_socket, running_web
@@ -47,7 +48,7 @@ async def test_good_sign_in_makes_one_account_by_sub_and_keeps_only_ids_in_the_c
         assert account["available_micro"] == 0 and account["buckets"] == []
         # SECURITY: the cookie holds ids only: no email, no sub, nothing from Google.
         session = session_contents(b)
-        assert set(session) == {"account_id", "iat", "sid", "csrf"}
+        assert set(session) == {"account_id", "iat", "sid", "csrf", "ep"}  # ep: the ledger epoch
         assert session["account_id"] == account["account_id"]
         assert "ann@example.com" not in str(session) and "g-123" not in str(session)
         # The dashboard shows the balance.
@@ -205,6 +206,33 @@ async def test_sign_out_ends_the_session_and_a_copied_cookie_stops_working(
         thief = w.browser()
         thief.session.cookie_jar.update_cookies({"cp_session": copied}, URL(w.url))
         assert (await thief.get("/api/account")).status == 401
+
+
+async def test_a_signed_out_session_stays_out_after_redis_loss_and_rebuild(
+    redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path
+) -> None:
+    async with running_web(redis_client, clean_keyspace, tmp_path) as w:
+        b = w.browser()
+        await w.sign_in(b)
+        copied = b.cookie()
+        assert copied is not None
+        token = await w.csrf(b)
+        assert (await b.post("/auth/logout", data={"csrf_token": token})).status == 303
+        still_in = w.browser()
+        await w.sign_in(still_in)  # signed in, never signed out
+        await w.worker.drain_once()
+        # Redis restarts empty: the ledger and the list of ended sessions go with it.
+        lost = [k async for k in redis_client.scan_iter(match=f"{clean_keyspace.prefix}:*")]
+        await redis_client.delete(*lost)
+        await rebuild(w.ledger, w.store)
+        thief = w.browser()
+        thief.session.cookie_jar.update_cookies({"cp_session": copied}, URL(w.url))
+        assert (await thief.get("/api/account")).status == 401
+        # Sessions die with the ledger's epoch, consistently: everyone signs in again.
+        assert (await still_in.get("/api/account")).status == 401
+        again = w.browser()
+        await w.sign_in(again)
+        assert (await again.get("/api/account")).status == 200
 
 
 async def test_session_has_an_absolute_lifetime(

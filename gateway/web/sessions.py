@@ -18,6 +18,8 @@ from aiohttp_session import AbstractStorage, Session
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from cryptography.fernet import Fernet
 
+from ledger.keys import shard_of
+
 from ..appkeys import LEDGER, REDIS, SETTINGS
 from ..settings import Settings
 
@@ -118,9 +120,18 @@ async def start_session(request: web.Request, account_id: str) -> Session:
     session = await new_session(request)
     session["account_id"] = account_id
     session["iat"] = int(request.app[LEDGER].clock())
+    # The ledger's epoch at sign-in: the list of ended sessions lives in Redis, so a session must not
+    # outlive the Redis data that could say it was signed out (a rebuild writes a new epoch).
+    session["ep"] = await _epoch_of(request, account_id)
     session["sid"] = secrets.token_urlsafe(18)
     session["csrf"] = secrets.token_urlsafe(32)
     return session
+
+
+async def _epoch_of(request: web.Request, account_id: str) -> str:
+    ledger = request.app[LEDGER]
+    got: str | None = await ledger.redis.get(ledger.keys.epoch(shard_of(account_id)))
+    return got or ""
 
 
 async def end_session(request: web.Request) -> None:
@@ -157,6 +168,8 @@ async def _check(request: web.Request) -> str | None:
     )
     if valid and await request.app[REDIS].exists(_ended_key(request, str(sid))):
         valid = False
+    if valid and session.get("ep") != await _epoch_of(request, str(account_id)):
+        valid = False  # signed in before the ledger was lost and rebuilt: sign in again
     if valid:
         info = await request.app[LEDGER].account(str(account_id))
         valid = info is not None and info.status == "active"

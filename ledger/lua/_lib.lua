@@ -15,6 +15,11 @@ local function k_done(pfx, req) return pfx .. 'rd:' .. req end
 local function k_key_inflight(pfx, key_id) return pfx .. 'kr:' .. key_id end
 local function k_journal(pfx) return pfx .. 'j' end
 
+-- The shard's epoch marker, written when the ledger is created and again by each rebuild. Absent:
+-- this Redis lost the shard's data (restarted empty, flushed, a cluster node replaced), so no script
+-- may act on what is left or half-create records; the caller gets {'no_ledger'} (503, spooled).
+local function whole(pfx) return redis.call('EXISTS', pfx .. 'epoch') == 1 end
+
 local function journal(pfx, now, ...)
   return redis.call('XADD', k_journal(pfx), '*', 'ts', fmt(now), ...)
 end

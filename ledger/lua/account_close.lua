@@ -4,6 +4,7 @@
 -- KEYS[1] shard journal   ARGV: account_id, now_ms
 -- Returns {'ok', forfeited_micro, keys_revoked} | {'no_account'} | {'closed'}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local acct, now = ARGV[1], tonumber(ARGV[2])
 local a = k_account(PFX, acct)
 local status = redis.call('HGET', a, 'status')

@@ -5,6 +5,7 @@
 -- the account deletes; the sub itself is never stored in Redis, only its hash as the index.
 -- Returns {'ok', account_id} or {'exists', account_id}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local acct, email, sub_hash, now, low = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local pii_key, email_sealed, sub_sealed = ARGV[6], ARGV[7], ARGV[8]
 if sub_hash ~= '' then

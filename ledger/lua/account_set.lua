@@ -5,6 +5,7 @@
 -- before pii_key existed gets the caller's; a caller that sealed with another key is told to retry.
 -- Returns {'ok'} | {'no_account'} | {'bad_field'} | {'stale_key'}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local acct, now, field, value, sealed, pii_key = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if field ~= 'low_threshold' and field ~= 'email' then return {'bad_field'} end
 local a = k_account(PFX, acct)

@@ -3,6 +3,7 @@
 -- ARGV: account_id, bucket_id, reference, amount, expires_at_ms, source, now_ms
 -- Returns {'ok', bucket_id} | {'exists', bucket_id} | {'no_account'} | {'closed'}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local acct, bid, ref, amount, expires, source, now =
   ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 local ref_key = PFX .. 'ref:' .. ref

@@ -2,6 +2,7 @@
 -- KEYS[1] shard journal   ARGV: now_ms, limit
 -- Returns {buckets_visited, forfeited_micro}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 local ids = redis.call('ZRANGEBYSCORE', PFX .. 'bexp', '-inf', fmt(now), 'LIMIT', 0, limit)
 local total = 0

@@ -4,6 +4,7 @@
 -- A key id that exists already is a retry (ids derived from an operator's reference): {'exists', prefix}.
 -- Returns {'ok'} | {'exists', prefix} | {'no_account'} | {'limit'} | {'unknown_key'}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local acct, key_id, hash, prefix, now, max_keys, old = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 local existing = redis.call('HGET', PFX .. 'k:' .. key_id, 'account')
 if existing then

@@ -2,6 +2,7 @@
 -- KEYS[1] shard journal   ARGV: key_id, now_ms
 -- Returns {'ok', account_id} | {'unknown_key'}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local key_id, now = ARGV[1], tonumber(ARGV[2])
 local k = PFX .. 'k:' .. key_id
 local acct = redis.call('HGET', k, 'account')

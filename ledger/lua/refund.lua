@@ -3,6 +3,7 @@
 -- KEYS[1] shard journal   ARGV: refund_id, account_id, bucket_id, amount (0 = all remaining), now_ms
 -- Returns {'ok', amount} | {'exists', status, amount} | {'no_bucket'} | {'expired'} | {'insufficient', remaining}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local rid, acct, bid, amount, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local rf = PFX .. 'rf:' .. rid
 local st = redis.call('HGET', rf, 'status')

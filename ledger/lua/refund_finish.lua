@@ -3,6 +3,7 @@
 -- KEYS[1] shard journal   ARGV: refund_id, now_ms, outcome ('confirmed'|'reverted'), external_ref
 -- Returns {'ok'} | {'exists', status} | {'unknown'}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local rid, now, outcome, ext = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local rf = PFX .. 'rf:' .. rid
 local st = redis.call('HGET', rf, 'status')

@@ -1,8 +1,10 @@
 -- Abandon a reservation: every micro-unit goes back to the bucket it came from.
--- KEYS[1] shard journal   ARGV: request_id, account_id, now_ms, reason
+-- KEYS[1] shard journal   ARGV: request_id, account_id, now_ms, reason, done_ttl_s
 -- Returns {'ok', held} | {'exists'} (already settled or released) | {'unknown'}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local req, acct, now, reason = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local done_ttl = tonumber(ARGV[5]) or 604800
 local r = k_resv(PFX, req)
 local held = redis.call('HGET', r, 'held')
 if not held then
@@ -21,7 +23,7 @@ redis.call('ZREM', PFX .. 'rz', req)
 if key_id ~= '' then redis.call('SREM', k_key_inflight(PFX, key_id), req) end
 local done_key = k_done(PFX, req)
 redis.call('HSET', done_key, 'outcome', 'released')
-redis.call('EXPIRE', done_key, 604800)
+redis.call('EXPIRE', done_key, done_ttl)
 journal(PFX, now, 't', 'released', 'account', acct, 'req', req, 'held', fmt(held), 'reason', reason)
 check_low(PFX, acct, now)
 return {'ok', fmt(held)}

@@ -9,6 +9,7 @@
 -- Returns {'ok', held} | {'exists', held} | {'done'} | {'short', available} | {'busy', open}
 --       | {'no_account'} | {'closed'} | {'revoked'}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local req, acct, key_id, amount, min_amount, now, deadline, limit =
   ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local key_hash = ARGV[9] or ''

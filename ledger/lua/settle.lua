@@ -4,10 +4,13 @@
 -- shortfall: the balance never goes below zero.
 -- A reservation already released (by the stale sweep) or lost is settled from the buckets directly.
 -- KEYS[1] shard journal
--- ARGV: request_id, account_id, charge, now_ms, metering (opaque JSON of ids and counts, no content)
+-- ARGV: request_id, account_id, charge, now_ms, metering (opaque JSON of ids and counts, no content),
+--       done_ttl_s (how long the outcome answers a retry; LEDGER_DONE_TTL_S)
 -- Returns {'ok', charged, shortfall, draws} | {'exists', charged, shortfall, draws}
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local req, acct, charge, now, metering = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local done_ttl = tonumber(ARGV[6]) or 604800
 local done_key = k_done(PFX, req)
 local done = redis.call('HGETALL', done_key)
 if done[1] then
@@ -58,7 +61,7 @@ if key_id ~= '' then
 end
 redis.call('DEL', done_key)
 redis.call('HSET', done_key, 'outcome', 'settled', 'charged', fmt(charged), 'shortfall', fmt(shortfall), 'draws', enc)
-redis.call('EXPIRE', done_key, 604800)
+redis.call('EXPIRE', done_key, done_ttl)
 journal(PFX, now, 't', 'settled', 'account', acct, 'req', req, 'held', fmt(held), 'charged', fmt(charged),
   'shortfall', fmt(shortfall), 'draws', enc, 'metering', metering)
 check_low(PFX, acct, now)

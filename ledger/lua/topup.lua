@@ -11,6 +11,7 @@
 -- successful (Omise can settle a charge we had given up on); successful is final. A 'pending'
 -- update only ties the charge id to the top-up.
 local PFX = string.sub(KEYS[1], 1, -2)
+if not whole(PFX) then return {'no_ledger'} end
 local op, tid, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local t = PFX .. 't:' .. tid
 
