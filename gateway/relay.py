@@ -19,7 +19,7 @@ from .sse import DONE, SSEParser, format_json_event
 
 if TYPE_CHECKING:
     from .formats import StreamTranslator
-    from .proxy import Exchange
+    from .exchange import Exchange
 
 __all__ = ["SSE_HEADERS", "echo_model", "relay_stream"]
 
