@@ -110,7 +110,7 @@ async def work(settings: Settings) -> None:
         raise ConfigError("REDIS_URL is required for a separate worker (the embedded default runs its own)")
     redis = Redis.from_url(settings.redis_url, decode_responses=True)
     keyspace = Keyspace(prefix=settings.ledger_prefix, shards=settings.ledger_shards)
-    store = Store(str(settings.database_path))
+    store = Store(settings.history_target)
     await asyncio.to_thread(store.migrate)
     worker = JournalWorker(redis, keyspace, store, ledger=Ledger(redis, keyspace))
     stop = asyncio.Event()

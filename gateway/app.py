@@ -103,7 +103,7 @@ def create_app(
             forwarded_hops=settings.forwarded_hops,
         )
         await app[LEDGER].load_scripts()
-        app[STORE] = Store(str(settings.database_path))
+        app[STORE] = Store(settings.history_target)
         worker_stop = asyncio.Event()
         worker_task = None
         if embedded is not None:
