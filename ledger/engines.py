@@ -111,16 +111,48 @@ def _pg_rows(cursor: Any) -> Any:
     return cls
 
 
-class _PgConn:
-    __slots__ = ("_c",)
+class _PgCursor:
+    """A cursor of a pipelined transaction: its rows arrive when read; its rowcount, when asked
+    for before anything synced it, syncs the pipeline first."""
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    __slots__ = ("_cur", "_pipeline")
+
+    def __init__(self, cur: psycopg.Cursor[Any], pipeline: psycopg.Pipeline | None) -> None:
+        self._cur = cur
+        self._pipeline = pipeline
+
+    @property
+    def rowcount(self) -> int:
+        if self._cur.rowcount < 0 and self._pipeline is not None:
+            self._pipeline.sync()
+        return self._cur.rowcount
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cur.fetchall()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._cur)
+
+
+class _PgConn:
+    """In a write transaction the statements are pipelined (psycopg's pipeline mode): sent without
+    waiting for each answer, so a batch of journal events costs a round trip per statement whose
+    result is read (a cursor, a reservation, a metering look-up), not per statement. An error
+    surfaces at the next read or at commit, and rolls the whole transaction back either way."""
+
+    __slots__ = ("_c", "_pipeline")
+
+    def __init__(self, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline | None = None) -> None:
         self._c = conn
+        self._pipeline = pipeline
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Cursor:
         if not params:  # psycopg reads no placeholders (and no `%%`) in a statement without any
-            return self._c.execute(sql.encode())
-        return self._c.execute(pg_sql(sql).encode(), params)
+            return _PgCursor(self._c.execute(sql.encode()), self._pipeline)
+        return _PgCursor(self._c.execute(pg_sql(sql).encode(), params), self._pipeline)
 
 
 class _SqliteConn:
@@ -260,7 +292,8 @@ class PostgresEngine:
             conn = self._writer()
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK_KEY,))
-                yield _PgConn(conn)
+                with conn.pipeline() as pipeline:
+                    yield _PgConn(conn, pipeline)
 
     def _readers(self) -> psycopg_pool.ConnectionPool[Any]:
         with self._pool_lock:

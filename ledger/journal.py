@@ -200,10 +200,11 @@ def apply_events(conn: Conn, shard: int, events: Sequence[Event]) -> tuple[int, 
     cursor = str(row[0]) if row else None
     last = stream_id(cursor) if cursor else (-1, -1)
     applied = 0
+    ensured: set[str] = set()
     for eid, fields in events:
         if stream_id(eid) <= last:
             continue  # applied before (a crash before the trim, or another worker)
-        _apply_one(conn, fields)
+        _apply_one(conn, fields, ensured)
         last, cursor = stream_id(eid), eid
         applied += 1
     if applied:
@@ -253,7 +254,7 @@ def _bucket_delta(conn: Conn, bid: str, delta: int) -> None:
             log.warning("journal names unknown bucket %s", bid)
 
 
-def _apply_one(conn: Conn, e: dict[str, str]) -> None:
+def _apply_one(conn: Conn, e: dict[str, str], ensured: set[str] | None = None) -> None:
     t = e.get("t", "")
     ts = _int(e.get("ts"))
     at = iso_ms(ts)
@@ -261,7 +262,11 @@ def _apply_one(conn: Conn, e: dict[str, str]) -> None:
     if not acct:
         log.warning("journal event %s without account", t)
         return
-    _ensure_account(conn, acct, ts)
+    if ensured is None or acct not in ensured:
+        # Once per account and batch: each statement is a round trip on PostgreSQL.
+        _ensure_account(conn, acct, ts)
+        if ensured is not None:
+            ensured.add(acct)
 
     if t == "account_created":
         conn.execute(
@@ -463,11 +468,7 @@ def _apply_settled(conn: Conn, e: dict[str, str], acct: str, ts: int) -> None:
         (at, ts, charged, _int(e.get("shortfall")), e.get("draws", ""), req),
     )
     draws_json = orjson.dumps([{"bucket_id": b, "amount_micro": a} for b, a in final.items()]).decode()
-    # One row per request: looked up rather than left to a unique index, because PostgreSQL's
-    # metering is partitioned by month and cannot hold one on request_id alone (ledger/schema.py).
-    # Writers run one at a time (the history's write lock), so the look-up cannot race.
-    if conn.execute("SELECT 1 FROM metering WHERE request_id = ?", (req,)).fetchone() is None:
-        _insert_metering(conn, e, m, req, acct, key_id, charged, draws_json, at, ts)
+    _insert_metering(conn, e, m, req, acct, key_id, charged, draws_json, at, ts)
     if key_id:
         conn.execute(
             "UPDATE api_keys SET last_used_at = ?, last_used_ms = ? WHERE key_id = ?", (at, ts, key_id)
@@ -490,11 +491,15 @@ def _insert_metering(
         v = m.get(k)
         return None if v is None else str(v)
 
+    # One row per request, kept by NOT EXISTS rather than by a unique index: PostgreSQL's metering
+    # is partitioned by month and cannot hold one on request_id alone (ledger/schema.py). Writers
+    # run one at a time (the history's write lock), so the check cannot race. The casts type the
+    # selected parameters for PostgreSQL (in VALUES the columns would); SQLite keeps the values.
     conn.execute(
         "INSERT INTO metering (request_id, account_id, key_id, model, provider, upstream_model, "
         "input_cache_hit_tokens, input_cache_miss_tokens, output_tokens, charge_micro, draws, status, "
         "started_at, finished_at, latency_ms, shortfall_micro, estimated, cache_write_tokens, finished_ms) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"SELECT {_METERING_TYPES} WHERE NOT EXISTS (SELECT 1 FROM metering WHERE request_id = ?)",
         (
             req,
             acct,
@@ -515,5 +520,12 @@ def _insert_metering(
             1 if m.get("estimated") else 0,
             _int(m.get("cache_write_tokens")),
             ts,
+            req,
         ),
     )
+
+
+_METERING_TYPES = ", ".join(
+    f"CAST(? AS {t})"
+    for t in ("TEXT",) * 6 + ("BIGINT",) * 4 + ("TEXT",) * 4 + ("BIGINT",) * 5
+)
