@@ -12,7 +12,7 @@ import functools
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,6 +62,9 @@ class Conn(Protocol):
     """What the history's SQL runs on: SQLite-style placeholders, rows readable by index and name."""
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Cursor: ...
+
+    def defer(self, check: Callable[[], None]) -> None:
+        """Run check (a look at a result, not a write) before the transaction commits."""
 
 
 # ----- PostgreSQL's side of the SQL ---------------------------------------------------------------
@@ -143,11 +146,15 @@ class _PgConn:
     result is read (a cursor, a reservation, a metering look-up), not per statement. An error
     surfaces at the next read or at commit, and rolls the whole transaction back either way."""
 
-    __slots__ = ("_c", "_pipeline")
+    __slots__ = ("_c", "_pipeline", "deferred")
 
     def __init__(self, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline | None = None) -> None:
         self._c = conn
         self._pipeline = pipeline
+        self.deferred: list[Callable[[], None]] = []
+
+    def defer(self, check: Callable[[], None]) -> None:
+        self.deferred.append(check)  # the first one that reads syncs the pipeline once for all
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Cursor:
         if not params:  # psycopg reads no placeholders (and no `%%`) in a statement without any
@@ -160,6 +167,9 @@ class _SqliteConn:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._c = conn
+
+    def defer(self, check: Callable[[], None]) -> None:
+        check()  # in process: the answer is already here
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Cursor:
         return self._c.execute(sql, params)
@@ -293,7 +303,10 @@ class PostgresEngine:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK_KEY,))
                 with conn.pipeline() as pipeline:
-                    yield _PgConn(conn, pipeline)
+                    pg = _PgConn(conn, pipeline)
+                    yield pg
+                    for check in pg.deferred:
+                        check()
 
     def _readers(self) -> psycopg_pool.ConnectionPool[Any]:
         with self._pool_lock:

@@ -250,8 +250,13 @@ def _bucket_delta(conn: Conn, bid: str, delta: int) -> None:
         cur = conn.execute(
             "UPDATE buckets SET remaining_micro = remaining_micro + ? WHERE bucket_id = ?", (delta, bid)
         )
-        if cur.rowcount == 0:
-            log.warning("journal names unknown bucket %s", bid)
+
+        def check() -> None:
+            if cur.rowcount == 0:
+                log.warning("journal names unknown bucket %s", bid)
+
+        # Before the commit, not now: on PostgreSQL reading the count now would wait for the answer.
+        conn.defer(check)
 
 
 def _apply_one(conn: Conn, e: dict[str, str], ensured: set[str] | None = None) -> None:

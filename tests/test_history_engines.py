@@ -125,3 +125,15 @@ def test_metering_rows_land_in_their_month_and_leave_the_default_when_it_is_made
     assert [r["request_id"] for r in store.usage_rows("acc_00aaaaaaaaaaaaaaaa")] == ["req_near", "req_far1"]
     # Made once: a second pass finds them all.
     assert store.write(lambda conn: ensure_metering_partitions(conn, far, ahead=0)) == []
+
+
+def test_an_unknown_bucket_is_reported_after_the_batch_on_both_engines(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bucket update's row count is looked at before the commit (PostgreSQL pipelines the
+    batch, so not at once): a forfeit from a bucket the history never saw still says so."""
+    event = {"t": "forfeited", "ts": "1790000000000", "account": "acc_00aaaaaaaaaaaaaaaa", "bucket": "bkt_nowhere", "amount": "5"}
+    with caplog.at_level("WARNING", logger="ledger.journal"):
+        assert store.write(lambda conn: apply_events(conn, 0, [("1-0", event)])) == (1, "1-0")
+    assert "journal names unknown bucket bkt_nowhere" in caplog.text
+    assert store.query("SELECT forfeited FROM account_totals")[0][0] == 5
