@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,7 @@ async def running_gateway(
     fake: FakeUpstream,
     *,
     extra_models: str = "",
+    configure_app: Callable[[web.Application], None] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Gateway]:
     models_file = tmp_path / "models.toml"
@@ -154,6 +155,8 @@ async def running_gateway(
     store = Store(settings.history_target)
     await asyncio.to_thread(store.migrate)
     app = create_app(settings, redis=redis, registry=registry)
+    if configure_app is not None:
+        configure_app(app)  # e.g. a recording middleware, before the app freezes
     runner = GatewayRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -12,6 +12,7 @@ from ..models import Capabilities, Model
 from ..translate import ToolNameMap
 
 __all__ = [
+    "ChunkFed",
     "ClientFormat",
     "Intake",
     "Outgoing",
@@ -60,6 +61,41 @@ class StreamTranslator(Protocol):
     def feed(self, event: str, obj: dict[str, Any]) -> bytes: ...
     def error(self, err_type: str, message: str) -> bytes: ...
     def finish(self) -> bytes: ...
+
+
+class _ChunkTranslator(Protocol):
+    @property
+    def done(self) -> bool: ...
+
+    def start(self) -> bytes: ...
+    def feed(self, chunk: dict[str, Any]) -> bytes: ...
+    def error(self, err_type: str, message: str) -> bytes: ...
+    def finish(self) -> bytes: ...
+
+
+class ChunkFed:
+    """A translator of OpenAI-format upstream chunks (they carry no event name) in the proxy's shape."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self, translator: _ChunkTranslator) -> None:
+        self._t = translator
+
+    @property
+    def done(self) -> bool:
+        return self._t.done
+
+    def start(self) -> bytes:
+        return self._t.start()
+
+    def feed(self, event: str, obj: dict[str, Any]) -> bytes:
+        return self._t.feed(obj)
+
+    def error(self, err_type: str, message: str) -> bytes:
+        return self._t.error(err_type, message)
+
+    def finish(self) -> bytes:
+        return self._t.finish()
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ from .base import (
     Outgoing,
     ReplyContext,
     Route,
+    StreamTranslator,
     common_fields,
     need_messages,
     positive_int,
@@ -49,32 +50,14 @@ def _openai_to_anthropic(body: dict[str, Any], out: Outgoing) -> dict[str, Any]:
     return openai_to_anthropic_request(body, upstream_model=out.model.upstream_model, max_tokens=out.max_tokens)
 
 
-class _ToOpenAIStream:
+def _to_openai_stream(ctx: ReplyContext) -> StreamTranslator:
     """Anthropic upstream events -> Chat Completions chunks."""
-
-    def __init__(self, ctx: ReplyContext) -> None:
-        self._t = AnthropicToOpenAIStream(
-            client_model=ctx.client_model,
-            completion_id="chatcmpl-" + ctx.request_id[4:],
-            include_usage=ctx.include_usage,
-            names=ctx.names,
-        )
-
-    @property
-    def done(self) -> bool:
-        return self._t.done
-
-    def start(self) -> bytes:
-        return b""
-
-    def feed(self, event: str, obj: dict[str, Any]) -> bytes:
-        return self._t.feed(event, obj)
-
-    def error(self, err_type: str, message: str) -> bytes:
-        return self._t.error(err_type, message)
-
-    def finish(self) -> bytes:
-        return self._t.finish()
+    return AnthropicToOpenAIStream(
+        client_model=ctx.client_model,
+        completion_id="chatcmpl-" + ctx.request_id[4:],
+        include_usage=ctx.include_usage,
+        names=ctx.names,
+    )
 
 
 OPENAI = ClientFormat(
@@ -87,7 +70,7 @@ OPENAI = ClientFormat(
         "anthropic": Route(
             request=_openai_to_anthropic,
             response=lambda obj, ctx: anthropic_to_openai_response(obj, client_model=ctx.client_model, names=ctx.names),
-            stream=_ToOpenAIStream,
+            stream=_to_openai_stream,
             error=anthropic_error_to_openai,
         ),
     },

@@ -13,11 +13,13 @@ from ..translate import (
 )
 from ..translate.thinking import fit_thinking_budget
 from .base import (
+    ChunkFed,
     ClientFormat,
     Intake,
     Outgoing,
     ReplyContext,
     Route,
+    StreamTranslator,
     common_fields,
     need_messages,
     positive_int,
@@ -57,32 +59,16 @@ def _anthropic_to_openai(body: dict[str, Any], out: Outgoing) -> dict[str, Any]:
     )
 
 
-class _ToAnthropicStream:
+def _to_anthropic_stream(ctx: ReplyContext) -> StreamTranslator:
     """Chat Completions chunks from an OpenAI-format upstream -> Anthropic Messages events."""
-
-    def __init__(self, ctx: ReplyContext) -> None:
-        self._t = OpenAIToAnthropicStream(
+    return ChunkFed(
+        OpenAIToAnthropicStream(
             client_model=ctx.client_model,
             message_id="msg_" + ctx.request_id[4:],
             input_tokens=ctx.input_estimate,
             names=ctx.names,
         )
-
-    @property
-    def done(self) -> bool:
-        return self._t.done
-
-    def start(self) -> bytes:
-        return self._t.start()
-
-    def feed(self, event: str, obj: dict[str, Any]) -> bytes:
-        return self._t.feed(obj)
-
-    def error(self, err_type: str, message: str) -> bytes:
-        return self._t.error(err_type, message)
-
-    def finish(self) -> bytes:
-        return self._t.finish()
+    )
 
 
 ANTHROPIC = ClientFormat(
@@ -96,7 +82,7 @@ ANTHROPIC = ClientFormat(
         "openai": Route(
             request=_anthropic_to_openai,
             response=lambda obj, ctx: openai_to_anthropic_response(obj, client_model=ctx.client_model, names=ctx.names),
-            stream=_ToAnthropicStream,
+            stream=_to_anthropic_stream,
             error=openai_error_to_anthropic,
         ),
     },

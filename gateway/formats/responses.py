@@ -23,6 +23,7 @@ from ..translate import (
     responses_to_chat_request,
 )
 from .base import (
+    ChunkFed,
     ClientFormat,
     Intake,
     Outgoing,
@@ -79,27 +80,8 @@ def _stream_kwargs(ctx: ReplyContext) -> dict[str, Any]:
     }
 
 
-class _FromChat:
-    """Chat chunks -> Responses events, in the proxy's translator shape (event name unused)."""
-
-    def __init__(self, ctx: ReplyContext) -> None:
-        self._t = ChatToResponsesStream(**_stream_kwargs(ctx))
-
-    @property
-    def done(self) -> bool:
-        return self._t.done
-
-    def start(self) -> bytes:
-        return self._t.start()
-
-    def feed(self, event: str, obj: dict[str, Any]) -> bytes:
-        return self._t.feed(obj)
-
-    def error(self, err_type: str, message: str) -> bytes:
-        return self._t.error(err_type, message)
-
-    def finish(self) -> bytes:
-        return self._t.finish()
+def _from_chat(ctx: ReplyContext) -> StreamTranslator:
+    return ChunkFed(ChatToResponsesStream(**_stream_kwargs(ctx)))
 
 
 def _from_anthropic(ctx: ReplyContext) -> StreamTranslator:
@@ -119,7 +101,7 @@ RESPONSES = ClientFormat(
         "openai": Route(
             request=_chat,
             response=lambda obj, ctx: chat_to_responses_response(obj, **_body_kwargs(ctx)),
-            stream=_FromChat,
+            stream=_from_chat,
             # An OpenAI-format upstream's error body is already the OpenAI error shape: it passes.
         ),
         "anthropic": Route(
@@ -179,7 +161,7 @@ RESPONSES_COMPACT = ClientFormat(
     intake=_compact_intake,
     estimate_input=_estimate,
     routes={
-        "openai": Route(request=_compact_chat, response=lambda obj, ctx: _compacted(obj), stream=_FromChat),
+        "openai": Route(request=_compact_chat, response=lambda obj, ctx: _compacted(obj), stream=_from_chat),
         "anthropic": Route(
             request=_compact_anthropic,
             response=lambda obj, ctx: _compacted(

@@ -325,6 +325,10 @@ class AnthropicToOpenAIStream:
         self._stop_reason: str | None = None
         self._usage: dict[str, Any] = {}
 
+    def start(self) -> bytes:
+        """Nothing: an OpenAI stream's first chunk waits for the upstream's first event."""
+        return b""
+
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         obj: dict[str, Any] = {
             "id": self._id,
