@@ -111,7 +111,7 @@ async def work(settings: Settings) -> None:
         raise ConfigError("REDIS_URL is required for a separate worker (the embedded default runs its own)")
     redis = redis_client(settings.redis_url, pool_size=8)
     keyspace = Keyspace(prefix=settings.ledger_prefix, shards=settings.ledger_shards)
-    store = Store(str(settings.database_path))
+    store = Store(settings.history_target)
     await asyncio.to_thread(store.migrate)
     ledger = Ledger(redis, keyspace, done_ttl_s=settings.ledger_done_ttl_s)
     stop = asyncio.Event()

@@ -18,8 +18,8 @@ from aiohttp import web
 from .sse import DONE, SSEParser, format_json_event
 
 if TYPE_CHECKING:
-    from .formats import StreamTranslator
     from .exchange import Exchange
+    from .formats import StreamTranslator
 
 __all__ = ["SSE_HEADERS", "echo_model", "relay_stream"]
 
