@@ -113,7 +113,7 @@ async def work(settings: Settings) -> None:
     # A single server or any node of a Redis Cluster (detected): ledger/redis_client.py.
     redis = await connect(settings.redis_url, pool_size=8)
     keyspace = Keyspace(prefix=settings.ledger_prefix, shards=settings.ledger_shards)
-    store = Store(str(settings.database_path))
+    store = Store(settings.history_target)
     await asyncio.to_thread(store.migrate)
     ledger = Ledger(redis, keyspace, done_ttl_s=settings.ledger_done_ttl_s)
     stop = asyncio.Event()

@@ -102,7 +102,7 @@ def create_app(
             forwarded_hops=settings.forwarded_hops,
         )
         await app[LEDGER].load_scripts()
-        app[STORE] = Store(str(settings.database_path))
+        app[STORE] = Store(settings.history_target)
         if embedded is None and own_redis:
             await log_redis_problems(client)
         if embedded is None and await open_ledger(app[LEDGER], history_in(app[STORE])) is LedgerState.LOST:

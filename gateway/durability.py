@@ -14,8 +14,9 @@ import logging
 from ledger.ledger import Ledger
 from ledger.spool import Spool, recover_orphans
 
+from .exchange import Counted, progress_note
 from .metrics import Metrics
-from .proxy import Counted, Proxy
+from .proxy import Proxy
 
 __all__ = ["ORPHANS_EVERY_S", "keep_settlements", "shutdown_budget"]
 
@@ -55,7 +56,7 @@ async def keep_settlements(
                 notes = []
                 live = dict(proxy.exchanges)
                 for req, ex in live.items():
-                    note, counted[req] = await proxy.progress_note(ex, counted.get(req, (0, 0, "")))
+                    note, counted[req] = await progress_note(ex, proxy.ledger.now_ms, counted.get(req, (0, 0, "")))
                     notes.append(note)
                 for req in counted.keys() - live.keys():
                     del counted[req]

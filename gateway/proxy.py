@@ -16,7 +16,6 @@ import logging
 import random
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -28,22 +27,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ledger import errors as LE
 from ledger.ledger import Ledger, Settlement
-from ledger.money import iso_ms
 from ledger.spool import Spool, Spooled
 
 from . import errors as E
-from . import tokens
 from .appkeys import REQUEST_ID
 from .auth import REVOKED, KeyCache, authenticate_cached
-from .estimate import PromptEstimate
-from .formats import FORMATS, ClientFormat, Outgoing, ReplyContext, Route
+from .exchange import Exchange, bill_for, bill_now
+from .formats import FORMATS, ClientFormat, Outgoing, ReplyContext
 from .jsonbody import read_json_object
 from .metrics import Metrics
-from .models import Model, Prices, Registry
+from .models import Model, Registry
 from .relay import echo_model, relay_stream
 from .settings import Settings
-from .translate import ToolNameMap
-from .usage import Usage, UsageTracker, charge_micro
 
 __all__ = ["Proxy"]
 
@@ -52,52 +47,6 @@ log = logging.getLogger("gateway.proxy")
 # A few quick tries (the Redis client already retries a stale connection), then the spool: a
 # settlement is never dropped, and a web process never queues minutes of retries in memory.
 SETTLE_ATTEMPTS = 3
-
-@dataclass(slots=True)
-class Exchange:
-    """One request's bookkeeping: ids and counts only, never content."""
-
-    request_id: str
-    account_id: str
-    key_id: str
-    model: Model
-    client_model: str  # the name the client sent (an alias, perhaps): echoed back
-    client: ClientFormat
-    route: Route
-    stream: bool
-    include_usage: bool
-    prompt: PromptEstimate
-    max_tokens: int
-    started_ms: int
-    prices: Prices
-    status: str = "ok"
-    produced: bool = False
-    tracker: UsageTracker = field(init=False)
-    names: ToolNameMap = field(default_factory=ToolNameMap)
-    body: dict[str, Any] = field(default_factory=dict)  # the client's request, for reply translators
-    route_state: Any = None  # what the route's request builder left for its reply translators
-
-    def __post_init__(self) -> None:
-        self.tracker = UsageTracker(self.model.provider.format)
-
-    @property
-    def upstream_fmt(self) -> str:
-        return self.model.provider.format
-
-
-
-Counted = tuple[int, int, str]
-
-
-def _word_boundary(text: str, *, longest_word: int = 2048) -> int:
-    """Where `text` may be cut so that counting both sides adds up to counting the whole: before the
-    last whitespace that follows a non-space (the tokenizer's words start with their space). A text
-    without one is cut at its end once it is long (CJK), overcounting by a token at most."""
-    for i in range(len(text) - 1, 0, -1):
-        if text[i].isspace() and not text[i - 1].isspace():
-            return i
-    return len(text) if len(text) > longest_word else 0
-
 
 def _amount(micro: int) -> str:
     """Micro-units as currency for people: 54_000 -> '0.054', 12_500_000 -> '12.50'."""
@@ -435,74 +384,14 @@ class Proxy:
             self.metrics.active_streams -= 1
 
     # ----- settlement -----------------------------------------------------------------------------
-    async def bill(self, ex: Exchange, *, status: str | None = None) -> Spooled:
-        """What to settle for the exchange now: its charge and metering row (ids and counts only)."""
-        # Nothing produced and nothing reported (the upstream refused, or the client left first):
-        # an all-zero usage, so the row records the request and the hold goes back in full.
-        usage, estimated = Usage(), False
-        if ex.produced or ex.tracker.usage is not None:
-            # The exact prompt count only when the upstream did not say how much input it read.
-            prompt = await ex.prompt.exact() if ex.tracker.needs_prompt_estimate else 0
-            usage, estimated = await ex.tracker.result_async(prompt)
-        return self._bill(ex, usage, estimated, status)
-
-    async def progress_note(self, ex: Exchange, counted: Counted) -> tuple[Spooled, Counted]:
-        """What a live stream would be billed if its process died now (status `interrupted`).
-        Counts only the output since the previous note: `counted` = (pieces read, tokens counted,
-        the text after the last word boundary, not counted yet: a token may straddle two pieces)."""
-        pieces, output, carry = counted
-        usage, estimated = Usage(), False
-        if ex.produced or ex.tracker.usage is not None:
-            text, pieces = ex.tracker.pieces_after(pieces)
-            text = carry + text
-            cut = _word_boundary(text)
-            if cut:
-                output += await tokens.count_text_async(text[:cut])
-            carry = text[cut:]
-            tail = tokens.count_text(carry) if carry else 0
-            prompt = await ex.prompt.exact() if ex.tracker.needs_prompt_estimate else 0
-            usage, estimated = ex.tracker.result_given(prompt, output + tail)
-        return self._bill(ex, usage, estimated, "interrupted"), (pieces, output, carry)
-
-    def bill_now(self, ex: Exchange, *, status: str | None = None) -> Spooled:
-        """`bill` without leaving the loop (the output is counted here): for a cancelled settlement."""
-        usage, estimated = Usage(), False
-        if ex.produced or ex.tracker.usage is not None:
-            prompt = ex.prompt.exact_now() if ex.tracker.needs_prompt_estimate else 0
-            usage, estimated = ex.tracker.result(prompt)
-        return self._bill(ex, usage, estimated, status)
-
-    def _bill(self, ex: Exchange, usage: Usage, estimated: bool, status: str | None) -> Spooled:
-        model = ex.model
-        p = ex.prices
-        charge = charge_micro(usage, hit=p.hit, miss=p.miss, out=p.out, write=p.write)
-        finished = self.ledger.now_ms()
-        metering = {
-            "request_id": ex.request_id,
-            "key_id": ex.key_id,
-            "model": model.name,
-            "provider": model.provider.name,
-            "upstream_model": model.upstream_model,
-            "input_cache_hit_tokens": usage.input_cache_hit,
-            "input_cache_miss_tokens": usage.metered_miss,  # cache writes included (SPEC 7)
-            "cache_write_tokens": usage.cache_write,
-            "output_tokens": usage.output,
-            "status": status or ex.status,
-            "estimated": estimated,
-            "started_at": iso_ms(ex.started_ms),
-            "finished_at": iso_ms(finished),
-            "latency_ms": finished - ex.started_ms,
-        }
-        return Spooled(ex.account_id, ex.request_id, charge, metering)
-
     async def _settle(self, ex: Exchange) -> None:
         try:
             if ex.status == "bad_request":
                 await self.ledger.release(ex.account_id, ex.request_id, reason="bad_request")
                 return
-            bill = await self.bill(ex)
+            bill = await bill_for(ex, self.ledger.now_ms)
         except asyncio.CancelledError:
-            self._to_spool(self.bill_now(ex), "shutdown")
+            self._to_spool(bill_now(ex, self.ledger.now_ms), "shutdown")
             raise
         except Exception as exc:
             # The reservation stays; the worker releases it after its deadline. Ids only in the log.

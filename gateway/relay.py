@@ -18,8 +18,8 @@ from aiohttp import web
 from .sse import DONE, SSEParser, format_json_event
 
 if TYPE_CHECKING:
+    from .exchange import Exchange
     from .formats import StreamTranslator
-    from .proxy import Exchange
 
 __all__ = ["SSE_HEADERS", "echo_model", "relay_stream"]
 

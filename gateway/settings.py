@@ -56,6 +56,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _database_url(raw: str | None) -> str | None:
+    if not raw:
+        return None
+    if not raw.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("DATABASE_URL must be a postgresql:// URL (unset: SQLite at DATABASE_PATH)")
+    return raw
+
+
 def _amount(env: Mapping[str, str], name: str, default: str) -> int:
     raw = env.get(name) or default
     if raw in ("0", "0.0", ""):
@@ -79,6 +87,9 @@ class Settings:
     port: int = 8080
     redis_url: str | None = None  # None: the embedded default (in-process Redis)
     database_path: Path = Path("var/gateway.sqlite3")
+    # postgresql://...: the history lives in PostgreSQL (web processes on several hosts), not at
+    # database_path. Not in repr: it may carry a password.
+    database_url: str | None = field(default=None, repr=False)
     models_file: Path = DEFAULT_MODELS_FILE
     session_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     public_base_url: str = "http://127.0.0.1:8080"
@@ -122,6 +133,11 @@ class Settings:
     requested_host: str | None = None  # HOST as set, when the embedded default overrode it
     # The upstream environment (api keys named by the models file), captured once.
     provider_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def history_target(self) -> str:
+        """What ledger.store.Store opens: the PostgreSQL URL when set, else the SQLite file."""
+        return self.database_url or str(self.database_path)
 
     @property
     def embedded(self) -> bool:
@@ -171,6 +187,7 @@ class Settings:
             port=port,
             redis_url=redis_url,
             database_path=Path(env.get("DATABASE_PATH") or "var/gateway.sqlite3"),
+            database_url=_database_url(env.get("DATABASE_URL")),
             models_file=Path(env.get("MODELS_FILE") or DEFAULT_MODELS_FILE),
             session_secret=session_secret,
             public_base_url=(env.get("PUBLIC_BASE_URL") or f"http://{host}:{port}").rstrip("/"),

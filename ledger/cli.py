@@ -77,7 +77,7 @@ class Ctx:
 
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(self.config.database_path)
+            self._store = Store(self.config.history_target)
             self._store.migrate()  # idempotent; the release process normally did it already
         return self._store
 
@@ -284,6 +284,8 @@ async def cmd_backup(ctx: Ctx, a: argparse.Namespace) -> int:
     dest = os.path.abspath(a.dest)
     if os.path.exists(dest):
         raise Refused(f"{dest} exists; give a new file name")
+    if ctx.config.database_url:
+        raise Refused("the history is in PostgreSQL: back it up with pg_dump or your provider's backups")
     ctx.store()  # the schema exists before it is copied
 
     def copy() -> int:
@@ -423,13 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("account")
     u.add_argument("--format", choices=("csv", "jsonl"))
     cmd(sub, "expire", cmd_expire, "forfeit what expired now")
-    cmd(sub, "reconcile", cmd_reconcile, "check conservation in Redis and SQLite")
-    cmd(sub, "rebuild", cmd_rebuild, "restore Redis from SQLite after Redis was lost").add_argument(
-        "--force", action="store_true", help="replace a live (whole) ledger from SQLite: a repair"
+    cmd(sub, "reconcile", cmd_reconcile, "check conservation in Redis and the history")
+    cmd(sub, "rebuild", cmd_rebuild, "restore Redis from the history after Redis was lost").add_argument(
+        "--force", action="store_true", help="replace a ledger that still has keys"
     )
-    cmd(sub, "repair", cmd_repair, "fix what reconcile flags from SQLite (audited)")
+    cmd(sub, "repair", cmd_repair, "fix what reconcile flags from the history (audited)")
     cmd(sub, "backup", cmd_backup, "a consistent copy of the SQLite history, for off-site").add_argument("dest")
-    cmd(sub, "migrate", cmd_migrate, "create or upgrade the SQLite schema")
+    cmd(sub, "migrate", cmd_migrate, "create or upgrade the history's schema (SQLite or PostgreSQL)")
     t = cmd(sub, "topups", cmd_topups, "list top-ups (Omise charges and what became of them)")
     t.add_argument("--status", choices=("pending", "successful", "failed", "expired"))
     t.add_argument("--account")

@@ -28,6 +28,7 @@ def embedded_url_path(database_path: str) -> Path:
 class LedgerConfig:
     redis_url: str | None  # None: the embedded gateway's in-process Redis
     database_path: str
+    database_url: str | None  # postgresql://...: the history in PostgreSQL instead of database_path
     prefix: str
     shards: int
     actor: str
@@ -46,16 +47,25 @@ class LedgerConfig:
             raise ConfigError("LEDGER_SHARDS must be between 1 and 256")
         prefix = env.get("LEDGER_PREFIX", "cp") or "cp"
         done_ttl_s = done_ttl_from(env)
+        database_url = env.get("DATABASE_URL") or None
+        if database_url and not database_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("DATABASE_URL must be a postgresql:// URL (unset: SQLite at DATABASE_PATH)")
         actor = env.get("LEDGER_ACTOR") or env.get("USER") or env.get("LOGNAME") or _os_user()
         return cls(
             redis_url=env.get("REDIS_URL") or None,
             database_path=env.get("DATABASE_PATH") or "./var/gateway.sqlite3",
+            database_url=database_url,
             prefix=prefix,
             shards=shards,
             actor=actor,
             currency=env.get("CURRENCY") or "THB",
             done_ttl_s=done_ttl_s,
         )
+
+    @property
+    def history_target(self) -> str:
+        """What ledger.store.Store opens: the PostgreSQL URL when set, else the SQLite file."""
+        return self.database_url or self.database_path
 
     @property
     def keyspace(self) -> Keyspace:

@@ -1,7 +1,7 @@
-"""The journal worker: copies each shard's event stream into SQLite, exactly once, then trims it.
+"""The journal worker: copies each shard's event stream into the history, exactly once, then trims it.
 
 At least once in, exactly once applied: a batch of events and the shard's cursor (the last applied
-stream id) are written in one SQLite transaction; the stream is trimmed only after the commit. A crash
+stream id) are written in one transaction of the history (SQLite or PostgreSQL); the stream is trimmed only after the commit. A crash
 between the two leaves the events in the stream, and the next run skips them because the cursor,
 re-read inside the transaction, already covers them. That re-read also keeps two workers from
 applying the same batch twice.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError
 
+from .engines import UNAVAILABLE, Conn
 from .keys import Keyspace
 from .ledger import Ledger
 from .money import iso_ms
@@ -34,6 +34,9 @@ Event = tuple[str, dict[str, str]]
 
 EXPIRE_EVERY_S = 30.0
 RELEASE_STALE_EVERY_S = 10.0
+# Redis or the history is away for a moment: the worker keeps its loop, the stream keeps the events.
+_TRANSIENT: tuple[type[BaseException], ...] = (OSError, RedisError, *UNAVAILABLE)
+MAINTAIN_EVERY_S = 3600.0  # the history's upkeep (PostgreSQL: next months' metering partitions)
 ERASE_RETRY_S = 30.0  # a reader blocked the checkpoint after an erasure: try again this much later
 
 
@@ -149,10 +152,15 @@ class JournalWorker:
         return self.store.write(lambda conn: apply_events(conn, shard, events))
 
     async def run(self, stop: asyncio.Event, interval_s: float = 0.5) -> None:
-        """Drain, sweep expired buckets every ~30 s, release abandoned reservations every ~10 s."""
-        next_expire = next_release = time.monotonic()
+        """Drain, sweep expired buckets every ~30 s, release abandoned reservations every ~10 s,
+        keep the history up (Store.maintain) every hour."""
+        next_expire = next_release = next_maintain = time.monotonic()
         while not stop.is_set():
             try:
+                now = time.monotonic()
+                if now >= next_maintain:
+                    next_maintain = now + MAINTAIN_EVERY_S
+                    await asyncio.to_thread(self.store.maintain)
                 await self.drain_once()
                 now = time.monotonic()
                 if now >= next_expire:
@@ -161,7 +169,7 @@ class JournalWorker:
                 if now >= next_release:
                     await self.ledger.release_stale()
                     next_release = now + RELEASE_STALE_EVERY_S
-            except (OSError, RedisError, sqlite3.OperationalError) as exc:
+            except _TRANSIENT as exc:
                 # Redis or the disk is away for a moment: keep the loop, the stream keeps the events.
                 log.warning("journal worker pass failed: %s", type(exc).__name__)
             except Exception as exc:
@@ -187,15 +195,16 @@ def _hold_back_trailing_forfeits(events: list[Event]) -> list[Event]:
 # ----- applying events --------------------------------------------------------------------------
 
 
-def apply_events(conn: sqlite3.Connection, shard: int, events: Sequence[Event]) -> tuple[int, str]:
+def apply_events(conn: Conn, shard: int, events: Sequence[Event]) -> tuple[int, str]:
     row = conn.execute("SELECT last_id FROM journal_cursor WHERE shard = ?", (shard,)).fetchone()
     cursor = str(row[0]) if row else None
     last = stream_id(cursor) if cursor else (-1, -1)
     applied = 0
+    ensured: set[str] = set()
     for eid, fields in events:
         if stream_id(eid) <= last:
             continue  # applied before (a crash before the trim, or another worker)
-        _apply_one(conn, fields)
+        _apply_one(conn, fields, ensured)
         last, cursor = stream_id(eid), eid
         applied += 1
     if applied:
@@ -220,31 +229,37 @@ def _int(v: Any) -> int:
     raise ValueError("a journal field is not an integer")
 
 
-def _ensure_account(conn: sqlite3.Connection, acct: str, ts: int) -> None:
+def _ensure_account(conn: Conn, acct: str, ts: int) -> None:
     """An event for an account this file never saw created (history started late): keep a
     placeholder so the money still lands and reconcile can point at it."""
     conn.execute(
-        "INSERT OR IGNORE INTO accounts (account_id, status, created_at, created_ms) VALUES (?, 'active', ?, ?)",
+        "INSERT INTO accounts (account_id, status, created_at, created_ms) VALUES (?, 'active', ?, ?) "
+        "ON CONFLICT DO NOTHING",
         (acct, iso_ms(ts), ts),
     )
-    conn.execute("INSERT OR IGNORE INTO account_totals (account_id) VALUES (?)", (acct,))
+    conn.execute("INSERT INTO account_totals (account_id) VALUES (?) ON CONFLICT DO NOTHING", (acct,))
 
 
-def _totals(conn: sqlite3.Connection, acct: str, **deltas: int) -> None:
+def _totals(conn: Conn, acct: str, **deltas: int) -> None:
     sets = ", ".join(f"{k} = {k} + :{k}" for k in deltas)
     conn.execute(f"UPDATE account_totals SET {sets} WHERE account_id = :acct", {**deltas, "acct": acct})
 
 
-def _bucket_delta(conn: sqlite3.Connection, bid: str, delta: int) -> None:
+def _bucket_delta(conn: Conn, bid: str, delta: int) -> None:
     if delta:
         cur = conn.execute(
             "UPDATE buckets SET remaining_micro = remaining_micro + ? WHERE bucket_id = ?", (delta, bid)
         )
-        if cur.rowcount == 0:
-            log.warning("journal names unknown bucket %s", bid)
+
+        def check() -> None:
+            if cur.rowcount == 0:
+                log.warning("journal names unknown bucket %s", bid)
+
+        # Before the commit, not now: on PostgreSQL reading the count now would wait for the answer.
+        conn.defer(check)
 
 
-def _apply_one(conn: sqlite3.Connection, e: dict[str, str]) -> None:
+def _apply_one(conn: Conn, e: dict[str, str], ensured: set[str] | None = None) -> None:
     t = e.get("t", "")
     ts = _int(e.get("ts"))
     at = iso_ms(ts)
@@ -252,7 +267,11 @@ def _apply_one(conn: sqlite3.Connection, e: dict[str, str]) -> None:
     if not acct:
         log.warning("journal event %s without account", t)
         return
-    _ensure_account(conn, acct, ts)
+    if ensured is None or acct not in ensured:
+        # Once per account and batch: each statement is a round trip on PostgreSQL.
+        _ensure_account(conn, acct, ts)
+        if ensured is not None:
+            ensured.add(acct)
 
     if t == "account_created":
         conn.execute(
@@ -280,8 +299,8 @@ def _apply_one(conn: sqlite3.Connection, e: dict[str, str]) -> None:
         )
     elif t == "key_created":
         conn.execute(
-            "INSERT OR IGNORE INTO api_keys (key_id, account_id, key_hash, prefix, created_at, created_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (key_id, account_id, key_hash, prefix, created_at, created_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (e["key_id"], acct, e.get("hash", ""), e.get("prefix", ""), at, ts),
         )
     elif t == "key_revoked":
@@ -313,8 +332,15 @@ def _apply_one(conn: sqlite3.Connection, e: dict[str, str]) -> None:
         for bid, amt in decode_draws(enc).items():
             _bucket_delta(conn, bid, -amt)
         conn.execute(
-            "INSERT OR REPLACE INTO reservations (request_id, account_id, key_id, held_micro, draws, status, "
-            "created_at, created_ms, deadline_ms) VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?)",
+            "INSERT INTO reservations (request_id, account_id, key_id, held_micro, draws, status, "
+            "created_at, created_ms, deadline_ms) VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?) "
+            # A row made anew, as SQLite's INSERT OR REPLACE would (on both engines).
+            "ON CONFLICT (request_id) DO UPDATE SET account_id = excluded.account_id, "
+            "key_id = excluded.key_id, held_micro = excluded.held_micro, draws = excluded.draws, "
+            "status = 'open', reason = NULL, created_at = excluded.created_at, "
+            "created_ms = excluded.created_ms, finished_at = NULL, finished_ms = NULL, "
+            "deadline_ms = excluded.deadline_ms, charged_micro = NULL, shortfall_micro = NULL, "
+            "final_draws = NULL",
             (e["req"], acct, e.get("key_id", ""), held, enc, at, ts, _int(e.get("deadline"))),
         )
         _totals(conn, acct, reserved=held)
@@ -369,8 +395,9 @@ def _apply_one(conn: sqlite3.Connection, e: dict[str, str]) -> None:
         _totals(conn, acct, forfeited=amount)
     elif t == "topup_created":
         conn.execute(
-            "INSERT OR IGNORE INTO topups (topup_id, account_id, amount_micro, amount_minor, currency, method, "
-            "status, created_at, created_ms, updated_at, updated_ms) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+            "INSERT INTO topups (topup_id, account_id, amount_micro, amount_minor, currency, method, "
+            "status, created_at, created_ms, updated_at, updated_ms) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
             (
                 e["topup"],
                 acct,
@@ -408,7 +435,7 @@ def _apply_one(conn: sqlite3.Connection, e: dict[str, str]) -> None:
         log.warning("journal event of unknown type %s skipped", t)
 
 
-def _apply_settled(conn: sqlite3.Connection, e: dict[str, str], acct: str, ts: int) -> None:
+def _apply_settled(conn: Conn, e: dict[str, str], acct: str, ts: int) -> None:
     req = e["req"]
     held, charged = _int(e.get("held")), _int(e.get("charged"))
     final = decode_draws(e.get("draws", ""))
@@ -446,16 +473,38 @@ def _apply_settled(conn: sqlite3.Connection, e: dict[str, str], acct: str, ts: i
         (at, ts, charged, _int(e.get("shortfall")), e.get("draws", ""), req),
     )
     draws_json = orjson.dumps([{"bucket_id": b, "amount_micro": a} for b, a in final.items()]).decode()
+    _insert_metering(conn, e, m, req, acct, key_id, charged, draws_json, at, ts)
+    if key_id:
+        conn.execute(
+            "UPDATE api_keys SET last_used_at = ?, last_used_ms = ? WHERE key_id = ?", (at, ts, key_id)
+        )
 
+
+def _insert_metering(
+    conn: Conn,
+    e: dict[str, str],
+    m: dict[str, Any],
+    req: str,
+    acct: str,
+    key_id: str,
+    charged: int,
+    draws_json: str,
+    at: str | None,
+    ts: int,
+) -> None:
     def text(k: str) -> str | None:
         v = m.get(k)
         return None if v is None else str(v)
 
+    # One row per request, kept by NOT EXISTS rather than by a unique index: PostgreSQL's metering
+    # is partitioned by month and cannot hold one on request_id alone (ledger/schema.py). Writers
+    # run one at a time (the history's write lock), so the check cannot race. The casts type the
+    # selected parameters for PostgreSQL (in VALUES the columns would); SQLite keeps the values.
     conn.execute(
-        "INSERT OR IGNORE INTO metering (request_id, account_id, key_id, model, provider, upstream_model, "
+        "INSERT INTO metering (request_id, account_id, key_id, model, provider, upstream_model, "
         "input_cache_hit_tokens, input_cache_miss_tokens, output_tokens, charge_micro, draws, status, "
         "started_at, finished_at, latency_ms, shortfall_micro, estimated, cache_write_tokens, finished_ms) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"SELECT {_METERING_TYPES} WHERE NOT EXISTS (SELECT 1 FROM metering WHERE request_id = ?)",
         (
             req,
             acct,
@@ -476,9 +525,12 @@ def _apply_settled(conn: sqlite3.Connection, e: dict[str, str], acct: str, ts: i
             1 if m.get("estimated") else 0,
             _int(m.get("cache_write_tokens")),
             ts,
+            req,
         ),
     )
-    if key_id:
-        conn.execute(
-            "UPDATE api_keys SET last_used_at = ?, last_used_ms = ? WHERE key_id = ?", (at, ts, key_id)
-        )
+
+
+_METERING_TYPES = ", ".join(
+    f"CAST(? AS {t})"
+    for t in ("TEXT",) * 6 + ("BIGINT",) * 4 + ("TEXT",) * 4 + ("BIGINT",) * 5
+)

@@ -1,7 +1,8 @@
-"""The SQLite history: schema and migrations, the writer connection, and the reads the web serves.
+"""The history: the writer's transactions and the reads the web serves, on either engine.
 
-One file in WAL mode: the journal worker and the ops CLI write it (one short transaction at a time),
-the web processes only read it through read-only connections. Money columns are integer micro-units;
+SQLite (one file in WAL mode, the default) or PostgreSQL (DATABASE_URL, for web processes on several
+hosts): see engines.py for what differs and schema.py for the one schema. The journal worker and the
+ops CLI write it (one short transaction at a time); the web processes only read it. Money columns are integer micro-units;
 timestamps are ISO 8601 UTC strings, with `*_ms` integers beside them where a rebuild of the live
 ledger needs the exact instant back.
 """
@@ -9,21 +10,22 @@ ledger needs the exact instant back.
 from __future__ import annotations
 
 import logging
-import sqlite3
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
+from .engines import UNAVAILABLE, Conn, Engine, PostgresEngine, SqliteEngine, is_postgres_url
+from .engines import connect_sqlite_readonly as connect_readonly
 from .money import iso_ms
+from .schema import MIGRATIONS, SCHEMA_VERSION, ensure_metering_partitions, pg_statements, split_sql
 
 __all__ = [
     "HISTORY_COLUMNS",
     "METERING_COLUMNS",
     "SCHEMA_VERSION",
+    "UNAVAILABLE",
     "Store",
     "connect_readonly",
 ]
@@ -72,285 +74,84 @@ HISTORY_COLUMNS = (
     "description",
 )
 
-_V1 = """
-CREATE TABLE accounts (
-    account_id TEXT PRIMARY KEY,
-    email TEXT,                       -- NULL once closed
-    google_sub TEXT,                  -- NULL once closed (and for accounts made by ops)
-    status TEXT NOT NULL CHECK (status IN ('active', 'closed')),
-    created_at TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    closed_at TEXT,
-    closed_ms INTEGER,
-    low_threshold_micro INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE account_totals (
-    account_id TEXT PRIMARY KEY REFERENCES accounts (account_id),
-    credited INTEGER NOT NULL DEFAULT 0,
-    reserved INTEGER NOT NULL DEFAULT 0,
-    consumed INTEGER NOT NULL DEFAULT 0,
-    refunded INTEGER NOT NULL DEFAULT 0,
-    forfeited INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE api_keys (
-    key_id TEXT PRIMARY KEY,
-    account_id TEXT NOT NULL REFERENCES accounts (account_id),
-    key_hash TEXT NOT NULL,           -- SHA-256 of the key; the key itself is never stored
-    prefix TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    revoked_at TEXT,
-    revoked_ms INTEGER,
-    last_used_at TEXT,
-    last_used_ms INTEGER
-);
-CREATE INDEX api_keys_account ON api_keys (account_id);
-CREATE TABLE buckets (
-    bucket_id TEXT PRIMARY KEY,
-    account_id TEXT NOT NULL REFERENCES accounts (account_id),
-    amount_micro INTEGER NOT NULL,
-    remaining_micro INTEGER NOT NULL,
-    expires_at TEXT NOT NULL,
-    expires_ms INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    reference TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    created_ms INTEGER NOT NULL
-);
-CREATE INDEX buckets_account ON buckets (account_id, expires_ms);
-CREATE TABLE reservations (
-    request_id TEXT PRIMARY KEY,
-    account_id TEXT NOT NULL,
-    key_id TEXT NOT NULL DEFAULT '',
-    held_micro INTEGER NOT NULL,
-    draws TEXT NOT NULL DEFAULT '',   -- as the Lua encodes them: "bucket:amount,bucket:amount"
-    status TEXT NOT NULL CHECK (status IN ('open', 'settled', 'released')),
-    reason TEXT,
-    created_at TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    finished_at TEXT,
-    finished_ms INTEGER,
-    deadline_ms INTEGER NOT NULL DEFAULT 0,
-    charged_micro INTEGER,
-    shortfall_micro INTEGER,
-    final_draws TEXT
-);
-CREATE INDEX reservations_open ON reservations (status, account_id);
-CREATE TABLE metering (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT NOT NULL UNIQUE,
-    account_id TEXT NOT NULL,
-    key_id TEXT,
-    model TEXT,
-    provider TEXT,
-    upstream_model TEXT,
-    input_cache_hit_tokens INTEGER NOT NULL DEFAULT 0,
-    input_cache_miss_tokens INTEGER NOT NULL DEFAULT 0,
-    output_tokens INTEGER NOT NULL DEFAULT 0,
-    charge_micro INTEGER NOT NULL,
-    draws TEXT NOT NULL,              -- JSON [{"bucket_id", "amount_micro"}]
-    status TEXT,
-    started_at TEXT,
-    finished_at TEXT,
-    latency_ms INTEGER,
-    shortfall_micro INTEGER NOT NULL DEFAULT 0,
-    estimated INTEGER NOT NULL DEFAULT 0,
-    cache_write_tokens INTEGER NOT NULL DEFAULT 0,
-    finished_ms INTEGER NOT NULL
-);
-CREATE INDEX metering_account ON metering (account_id, seq);
-CREATE INDEX metering_account_time ON metering (account_id, finished_ms);
-CREATE TABLE refunds (
-    refund_id TEXT PRIMARY KEY,
-    account_id TEXT NOT NULL,
-    bucket_id TEXT NOT NULL,
-    amount_micro INTEGER NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('taken', 'confirmed', 'reverted')),
-    external_ref TEXT,
-    created_at TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    finished_at TEXT
-);
-CREATE INDEX refunds_account ON refunds (account_id);
-CREATE TABLE forfeitures (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    account_id TEXT NOT NULL,
-    bucket_id TEXT NOT NULL,
-    amount_micro INTEGER NOT NULL,
-    at TEXT NOT NULL,
-    at_ms INTEGER NOT NULL
-);
-CREATE INDEX forfeitures_account ON forfeitures (account_id);
-CREATE TABLE low_balance_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    account_id TEXT NOT NULL,
-    available_micro INTEGER NOT NULL,
-    threshold_micro INTEGER NOT NULL,
-    at TEXT NOT NULL
-);
-CREATE TABLE audit_log (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    target TEXT NOT NULL,
-    detail TEXT NOT NULL DEFAULT '{}'
-);
-CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
-CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
-CREATE TABLE journal_cursor (
-    shard INTEGER PRIMARY KEY,
-    last_id TEXT NOT NULL
-);
-"""
-
-# Top-ups (Omise charges on their way to buckets): ids, amounts, status, Omise's reason, times.
-# Never card numbers, names on cards or CVVs: Omise keeps those; we only ever see a token id.
-_V2 = """
-CREATE TABLE topups (
-    topup_id TEXT PRIMARY KEY,
-    account_id TEXT NOT NULL,
-    amount_micro INTEGER NOT NULL,
-    amount_minor INTEGER NOT NULL,    -- what Omise charged, in the smallest currency unit (satang)
-    currency TEXT NOT NULL,
-    method TEXT NOT NULL,             -- card | promptpay
-    status TEXT NOT NULL CHECK (status IN ('pending', 'successful', 'failed', 'expired')),
-    charge_id TEXT,                   -- Omise's chrg_...; NULL until Omise answered
-    failure_code TEXT,
-    failure_message TEXT,
-    bucket_id TEXT,
-    created_at TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    updated_at TEXT NOT NULL,
-    updated_ms INTEGER NOT NULL
-);
-CREATE INDEX topups_account ON topups (account_id, created_ms);
-CREATE INDEX topups_status ON topups (status, created_ms);
-"""
-
-# Each entry upgrades from the version before it; never edit a shipped one, append a new one.
-_MIGRATIONS: tuple[str, ...] = (_V1, _V2)
-SCHEMA_VERSION = len(_MIGRATIONS)
-
-
-def _configure(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA busy_timeout = 30000")
-    conn.execute("PRAGMA foreign_keys = ON")
-
-
-def connect_readonly(path: str) -> sqlite3.Connection:
-    """A read-only connection for the web processes (they never write the history)."""
-    uri = Path(path).resolve().as_uri() + "?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30)
-    conn.row_factory = sqlite3.Row
-    _configure(conn)
-    return conn
-
 
 class Store:
-    """The history file. Writes go through one connection guarded by a lock; call from a thread
-    (asyncio.to_thread) when on an event loop: sqlite3 blocks."""
+    """The history: a SQLite file (a path) or a PostgreSQL database (a postgresql:// URL).
+    Writes go through one connection guarded by a lock, one transaction at a time; every call
+    blocks, so call from a thread (asyncio.to_thread) when on an event loop."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+    def __init__(self, target: str) -> None:
+        self.path = target  # the SQLite path or the PostgreSQL URL, as given
+        self.engine: Engine = PostgresEngine(target) if is_postgres_url(target) else SqliteEngine(target)
+        self.postgres = isinstance(self.engine, PostgresEngine)
 
     # ----- connections ----------------------------------------------------------------------
-    def _writer(self) -> sqlite3.Connection:
-        if self._conn is None:
-            Path(self.path).resolve().parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            conn.row_factory = sqlite3.Row
-            _configure(conn)
-            conn.execute("PRAGMA journal_mode = WAL")
-            # FULL, not NORMAL: the journal stream is trimmed right after a commit, so a commit that a
-            # power cut could undo would lose events for good.
-            conn.execute("PRAGMA synchronous = FULL")
-            # Erased personal data (a closed account's email and sub) is overwritten with zeros in
-            # the page, not left in free space; forget_erased then empties the WAL that held it.
-            conn.execute("PRAGMA secure_delete = ON")
-            self._conn = conn
-        return self._conn
-
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self.engine.close()
 
     def forget_erased(self) -> bool:
-        """After an erasure (account closure) is committed: copy the WAL into the database and
-        truncate it to zero bytes, so the erased values are in no file's bytes (db, -wal, -shm).
-        Waits a moment for readers; False if one held on (a Litestream process holds a read
-        transaction on purpose and checkpoints itself: see README), and the worker tries again later."""
-        with self._lock:
-            conn = self._writer()
-            conn.execute("PRAGMA busy_timeout = 500")
-            try:
-                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            finally:
-                conn.execute("PRAGMA busy_timeout = 30000")
-        if busy:
+        """After an erasure (account closure) is committed: make the erased values leave the
+        engine's files (SQLite: checkpoint and truncate the WAL; PostgreSQL: VACUUM the accounts
+        table). False if a reader held on (SQLite), and the worker tries again later."""
+        done = self.engine.forget_erased()
+        if not done:
             log.warning("WAL checkpoint after an erasure was blocked by a reader; retrying later")
-        return not busy
+        return done
 
-    def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run fn in one BEGIN IMMEDIATE transaction (the write lock is taken up front, so a second
-        writer waits here rather than failing at its first write); commit, or roll back on error."""
-        with self._lock:
-            conn = self._writer()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+    def write(self, fn: Callable[[Conn], T]) -> T:
+        """Run fn in one transaction that holds the history's write lock from its start (a second
+        writer, in this process or another, waits); commit, or roll back on error."""
+        with self.engine.transaction() as conn:
+            return fn(conn)
 
     @contextmanager
-    def reader(self) -> Iterator[sqlite3.Connection]:
-        conn = connect_readonly(self.path)
-        try:
+    def reader(self) -> Iterator[Conn]:
+        with self.engine.reader() as conn:
             yield conn
-        finally:
-            conn.close()
 
     # ----- schema ---------------------------------------------------------------------------
     def migrate(self) -> int:
-        """Create or upgrade the schema; idempotent. Returns the schema version."""
+        """Create or upgrade the schema; idempotent. Returns the schema version. On PostgreSQL
+        also creates the metering partitions of the months around now."""
 
-        def run(conn: sqlite3.Connection) -> int:
+        def run(conn: Conn) -> int:
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = int(row[0]) if row else 0
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"database schema {version} is newer than this code ({SCHEMA_VERSION})")
-            for script in _MIGRATIONS[version:]:
-                for statement in _split_sql(script):
-                    conn.execute(statement)
+            for script in MIGRATIONS[version:]:
+                for statement in split_sql(script):
+                    for sql in pg_statements(statement) if self.postgres else [statement]:
+                        conn.execute(sql)
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (str(SCHEMA_VERSION),),
             )
+            if self.postgres:
+                ensure_metering_partitions(conn)
             return SCHEMA_VERSION
 
         return self.write(run)
+
+    def maintain(self, now_ms: int | None = None) -> list[str]:
+        """Periodic upkeep for the worker: on PostgreSQL, the metering partitions of the coming
+        months (names created); nothing on SQLite."""
+        if not self.postgres:
+            return []
+        return self.write(lambda conn: ensure_metering_partitions(conn, now_ms))
 
     # ----- audit log ------------------------------------------------------------------------
     def audit(self, *, actor: str, action: str, target: str, detail: dict[str, Any], at_ms: int) -> int:
         """Append an operator action (ids and amounts only). Returns its row id."""
 
-        def run(conn: sqlite3.Connection) -> int:
+        def run(conn: Conn) -> int:
             cur = conn.execute(
-                "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?) RETURNING id",
                 (iso_ms(at_ms), actor, action, target, orjson.dumps(detail).decode()),
             )
-            return int(cur.lastrowid or 0)
+            return int(cur.fetchone()[0])
 
         return self.write(run)
 
@@ -402,9 +203,9 @@ class Store:
         with self.reader() as conn:
             rows = conn.execute(
                 "SELECT substr(finished_at, 1, 10) AS day, model, count(*) AS requests, "
-                "sum(input_cache_hit_tokens) AS input_cache_hit_tokens, "
-                "sum(input_cache_miss_tokens) AS input_cache_miss_tokens, "
-                "sum(output_tokens) AS output_tokens, sum(charge_micro) AS charge_micro "
+                "CAST(sum(input_cache_hit_tokens) AS BIGINT) AS input_cache_hit_tokens, "
+                "CAST(sum(input_cache_miss_tokens) AS BIGINT) AS input_cache_miss_tokens, "
+                "CAST(sum(output_tokens) AS BIGINT) AS output_tokens, CAST(sum(charge_micro) AS BIGINT) AS charge_micro "
                 "FROM metering WHERE account_id = ? AND finished_ms >= ? "
                 "GROUP BY day, model ORDER BY day, model",
                 (account_id, since),
@@ -420,8 +221,8 @@ class Store:
         at_ms, event_id = _parse_cursor(before) if before is not None else (2**62, "")
         with self.reader() as conn:
             rows = conn.execute(
-                f"SELECT * FROM ({_HISTORY_SQL}) WHERE (at_ms, event_id) < (:t, :e) "
-                "ORDER BY at_ms DESC, event_id DESC LIMIT :n",
+                f"SELECT * FROM ({self._history_sql}) AS h WHERE (at_ms, {self._event_id}) < (:t, :e) "
+                f"ORDER BY at_ms DESC, {self._event_id} DESC LIMIT :n",
                 {"a": account_id, "t": at_ms, "e": event_id, "n": limit},
             ).fetchall()
         return [_history_row(r, with_cursor=True) for r in rows]
@@ -432,8 +233,8 @@ class Store:
         while True:
             with self.reader() as conn:
                 rows = conn.execute(
-                    f"SELECT * FROM ({_HISTORY_SQL}) WHERE (at_ms, event_id) > (:t, :e) "
-                    "ORDER BY at_ms, event_id LIMIT :n",
+                    f"SELECT * FROM ({self._history_sql}) AS h WHERE (at_ms, {self._event_id}) > (:t, :e) "
+                    f"ORDER BY at_ms, {self._event_id} LIMIT :n",
                     {"a": account_id, "t": at_ms, "e": event_id, "n": chunk},
                 ).fetchall()
             for r in rows:
@@ -442,13 +243,26 @@ class Store:
                 return
             at_ms, event_id = int(rows[-1]["at_ms"]), str(rows[-1]["event_id"])
 
-    def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
-        """A read for the ledger's own tools (reconcile, rebuild)."""
+    def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Any]:
+        """A read for the ledger's own tools (reconcile, rebuild): rows readable by position and
+        by column name, as sqlite3.Row. Write it in the SQL both engines speak (engines.py)."""
         with self.reader() as conn:
             return conn.execute(sql, params).fetchall()
 
+    @property
+    def _history_sql(self) -> str:
+        # The forfeit's event id pads its row id so that ids sort as numbers (a stable cursor).
+        return _HISTORY_SQL.format(
+            padded_id="lpad(f.id::text, 12, '0')" if self.postgres else "printf('%012d', f.id)"
+        )
 
-def _metering_row(r: sqlite3.Row, *, with_seq: bool) -> dict[str, Any]:
+    @property
+    def _event_id(self) -> str:
+        # Byte order on both engines (SQLite's own): the cursor compares as the page was sorted.
+        return 'event_id COLLATE "C"' if self.postgres else "event_id"
+
+
+def _metering_row(r: Any, *, with_seq: bool) -> dict[str, Any]:
     row = {c: r[c] for c in METERING_COLUMNS}
     row["draws"] = orjson.loads(r["draws"]) if r["draws"] else []
     row["estimated"] = bool(r["estimated"])
@@ -478,7 +292,7 @@ SELECT created_ms, 'refund:' || refund_id, 'refund', status, amount_micro,
        CASE WHEN status = 'reverted' AND external_ref LIKE 'error:%' THEN substr(external_ref, 7) END
   FROM refunds WHERE account_id = :a
 UNION ALL
-SELECT f.at_ms, 'forfeit:' || printf('%012d', f.id), 'forfeit',
+SELECT f.at_ms, 'forfeit:' || {padded_id}, 'forfeit',
        CASE WHEN b.expires_ms IS NULL OR f.at_ms >= b.expires_ms THEN 'expired' ELSE 'account_closed' END,
        f.amount_micro, -f.amount_micro, f.bucket_id, b.source, b.expires_at, NULL, NULL, NULL, NULL
   FROM forfeitures f LEFT JOIN buckets b ON b.bucket_id = f.bucket_id
@@ -488,7 +302,7 @@ SELECT f.at_ms, 'forfeit:' || printf('%012d', f.id), 'forfeit',
 _SOURCE_LABELS = {"topup": "Top-up", "grant": "Grant", "trial": "Trial credit"}
 
 
-def _describe(r: sqlite3.Row) -> str:
+def _describe(r: Any) -> str:
     """A line for people: built from the row's own ids, codes and times, nothing else."""
     kind, status = r["kind"], r["status"]
     if kind == "credit":
@@ -508,7 +322,7 @@ def _describe(r: sqlite3.Row) -> str:
     return f"Unused credit of bucket {r['bucket_id']} forfeited: the bucket expired"
 
 
-def _history_row(r: sqlite3.Row, *, with_cursor: bool) -> dict[str, Any]:
+def _history_row(r: Any, *, with_cursor: bool) -> dict[str, Any]:
     row: dict[str, Any] = {c: r[c] for c in HISTORY_COLUMNS if c not in ("at", "description")}
     row["at"] = iso_ms(int(r["at_ms"]))
     row["description"] = _describe(r)
@@ -523,18 +337,3 @@ def _parse_cursor(cursor: str) -> tuple[int, str]:
         raise ValueError("not a history cursor")
     return int(at), event_id
 
-
-def _split_sql(script: str) -> list[str]:
-    """Statements of a migration; triggers hold ';' inside BEGIN..END, so split on complete ones."""
-    out: list[str] = []
-    buf = ""
-    for line in script.splitlines(keepends=True):
-        if line.strip().startswith("--") and not buf.strip():
-            continue
-        buf += line
-        if sqlite3.complete_statement(buf):
-            out.append(buf.strip())
-            buf = ""
-    if buf.strip():
-        out.append(buf.strip())
-    return out

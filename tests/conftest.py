@@ -19,9 +19,25 @@ from ledger.epoch import open_ledger
 from ledger.keys import Keyspace
 from ledger.ledger import Ledger
 from ledger.redis_client import connect, delete_keys, scan_keys
+from tests import history
 from tests.redis_cluster import LocalCluster
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Engine-specific tests run on their engine only: deselected (not skipped) on the other."""
+    other = "sqlite_only" if history.POSTGRES else "postgres_only"
+    keep = [i for i in items if i.get_closest_marker(other) is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker(other) is not None])
+        items[:] = keep
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_history_database() -> object:
+    yield None
+    history.drop_session_database()
 
 
 class Clock:

@@ -30,6 +30,7 @@ from ledger.ledger import Ledger
 from ledger.reconcile import reconcile
 from ledger.store import Store
 from tests.fakes.upstream import FakeUpstream
+from tests.history import history_url
 
 MODELS_TOML = """
 currency = "THB"
@@ -140,6 +141,7 @@ async def running_gateway(
     settings = Settings(
         redis_url="redis://injected",
         database_path=tmp_path / "gateway.sqlite3",
+        database_url=history_url(tmp_path),
         models_file=models_file,
         ledger_prefix=keyspace.prefix,
         ledger_shards=keyspace.shards,
@@ -150,7 +152,7 @@ async def running_gateway(
     )
     settings = replace(settings, **overrides)
     registry = load_registry(models_file, env)
-    store = Store(str(settings.database_path))
+    store = Store(settings.history_target)
     await asyncio.to_thread(store.migrate)
     app = create_app(settings, redis=redis, registry=registry)
     if configure_app is not None:

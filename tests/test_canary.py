@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,9 +17,11 @@ import redis.asyncio as aioredis
 
 from gateway.appkeys import BACKGROUND, PROXY
 from ledger.keys import Keyspace
+from tests import history
 from tests.conftest import REDIS_URL
 from tests.fakes.upstream import FakeToolCall, FakeUpstream, Script
 from tests.gateway_harness import Gateway, running_gateway
+from tests.history import history_dump
 
 ROUTES = [
     ("openai", "gpt-test"),
@@ -340,16 +341,8 @@ async def redis_dump(client: Any) -> list[bytes]:  # decoded or raw replies alik
     return out
 
 
-def sqlite_dump(path: Path) -> list[str]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        out = [repr(r) for r in conn.execute("SELECT * FROM sqlite_master")]
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        for table in tables:
-            out += [repr(r) for r in conn.execute(f'SELECT * FROM "{table}"')]
-        return out
-    finally:
-        conn.close()
+def sqlite_dump(target: str) -> list[str]:
+    return history_dump(target)
 
 
 def record_text(record: logging.LogRecord) -> str:
@@ -417,14 +410,14 @@ async def test_canary_is_found_in_no_log_redis_key_sqlite_row_file_or_metric(
                 r["status"] for r in rows
             }
             assert not [v for v in await redis_dump(raw_redis) if cb in v], "canary in Redis"
-            assert not [r for r in sqlite_dump(gw.settings.database_path) if c in r], "canary in SQLite"
+            assert not [r for r in sqlite_dump(gw.settings.history_target) if c in r], "canary in SQLite"
             async with gw.http.get(gw.url + "/metrics") as r:
                 metrics = await r.text()
             assert "gateway_requests_total" in metrics and c not in metrics
             await gw.reconcile_ok()
         # After shutdown (WAL checkpointed or not): no file the gateway wrote holds it, in any page.
         files = [p for p in tmp_path.rglob("*") if p.is_file()]
-        assert any(p.name.endswith(".sqlite3") for p in files)
+        assert history.POSTGRES or any(p.name.endswith(".sqlite3") for p in files)
         assert not [p.name for p in files if cb in p.read_bytes()], "canary on disk"
     finally:
         if raw_redis is not redis_client:
@@ -544,7 +537,7 @@ async def test_malformed_http_puts_canary_and_key_in_no_log_store_or_response(
             await gw.drain()
             dump = await redis_dump(raw_redis)
             assert not [v for v in dump if any(s in v for s in secrets)], "canary or key in Redis"
-            assert not [r for r in sqlite_dump(gw.settings.database_path) if c in r or key in r]
+            assert not [r for r in sqlite_dump(gw.settings.history_target) if c in r or key in r]
             await gw.reconcile_ok()
         assert not any(s.decode() in metrics for s in secrets)
         files = [p for p in tmp_path.rglob("*") if p.is_file()]

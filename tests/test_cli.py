@@ -17,13 +17,16 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 import redis.asyncio as aioredis
 
 from ledger.epoch import open_ledger
 from ledger.keys import Keyspace
 from ledger.ledger import Ledger
+from tests import history
 from tests.conftest import REDIS_URL, no_history
 from tests.test_journal import metering
 
@@ -51,12 +54,8 @@ class Cli:
         assert p.returncode == 0, p.stderr
         return json.loads(p.stdout)
 
-    def audit(self) -> list[sqlite3.Row]:
-        conn = sqlite3.connect(self.db)
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute("SELECT * FROM audit_log ORDER BY id").fetchall()
-        conn.close()
-        return rows
+    def audit(self) -> list[Any]:
+        return history.rows(history.env_target(self.env), "SELECT * FROM audit_log ORDER BY id")
 
 
 @pytest.fixture
@@ -64,10 +63,14 @@ async def cli(tmp_path: Path) -> AsyncIterator[Cli]:
     prefix = f"t{uuid.uuid4().hex[:10]}"
     keyspace = Keyspace(prefix=prefix, shards=4)
     client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_PATH", "LEDGER_PREFIX")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "DATABASE_PATH", "DATABASE_URL", "LEDGER_PREFIX")
+    }
+    env.update(history.history_env(tmp_path))
     env.update(
         REDIS_URL=REDIS_URL,
-        DATABASE_PATH=str(tmp_path / "gateway.sqlite3"),
         LEDGER_PREFIX=prefix,
         LEDGER_SHARDS="4",
         LEDGER_ACTOR="ops-alice",
@@ -142,12 +145,12 @@ async def test_accounts_keys_grant_balance_and_audit(cli: Cli) -> None:
     assert rows[1]["target"] == account and json.loads(rows[1]["detail"])["key_id"] == first["key_id"]
 
     # The audit log is append-only.
-    conn = sqlite3.connect(cli.db)
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        conn.execute("UPDATE audit_log SET actor = 'mallory'")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        conn.execute("DELETE FROM audit_log")
-    conn.close()
+    target = history.env_target(cli.env)
+    refused = (sqlite3.IntegrityError, psycopg.errors.RaiseException)
+    with pytest.raises(refused, match="append-only"):
+        history.execute(target, "UPDATE audit_log SET actor = 'mallory'")
+    with pytest.raises(refused, match="append-only"):
+        history.execute(target, "DELETE FROM audit_log")
     assert len(cli.audit()) == 6
 
 
@@ -261,10 +264,10 @@ async def test_worker_drains_until_sigterm(cli: Cli) -> None:
         rows: list = []
         while time.monotonic() < deadline and not rows:
             time.sleep(0.1)
-            conn = sqlite3.connect(cli.db)
-            rows = conn.execute("SELECT charge_micro FROM metering WHERE request_id = 'req_00w1'").fetchall()
-            conn.close()
-        assert rows == [(250_000,)]
+            rows = history.rows(
+                history.env_target(cli.env), "SELECT charge_micro FROM metering WHERE request_id = 'req_00w1'"
+            )
+        assert [tuple(r) for r in rows] == [(250_000,)]
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)

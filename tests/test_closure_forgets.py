@@ -1,5 +1,6 @@
 """Closing an account forgets its email and Google sub for real: in no byte of any SQLite file
-(database, -wal, -shm) and in no Redis value, the journal streams included (privacy policy 3, 4, 8)."""
+(database, -wal, -shm), in no page of PostgreSQL's accounts table, and in no Redis value, the
+journal streams included (privacy policy 3, 4, 8)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sqlite3
 import uuid
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
 from ledger.journal import JournalWorker
@@ -18,6 +20,7 @@ from ledger.rebuild import rebuild
 from ledger.reconcile import drain_all, reconcile
 from ledger.store import Store
 from tests.fakes.oidc import FakeUser
+from tests.history import history_target
 from tests.web_harness import redis_dump, running_web
 
 
@@ -33,6 +36,7 @@ async def stream_values(redis: aioredis.Redis, keyspace: Keyspace) -> list[str]:
     return out
 
 
+@pytest.mark.sqlite_only
 async def test_closure_leaves_email_and_sub_in_no_file_byte_and_no_redis_value(
     redis_client: aioredis.Redis, clean_keyspace: Keyspace, tmp_path: Path
 ) -> None:
@@ -92,7 +96,7 @@ async def test_closure_leaves_email_and_sub_in_no_file_byte_and_no_redis_value(
 async def test_a_rebuilt_ledger_still_restores_and_records_email_and_sub(
     ledger: Ledger, clean_keyspace: Keyspace, tmp_path: Path
 ) -> None:
-    store = Store(str(tmp_path / "gateway.sqlite3"))
+    store = Store(history_target(tmp_path))
     store.migrate()
     try:
         acct, _ = await ledger.create_account("before@example.com", sub="sub-rebuilt-1")
@@ -119,6 +123,7 @@ async def test_a_rebuilt_ledger_still_restores_and_records_email_and_sub(
         store.close()
 
 
+@pytest.mark.sqlite_only
 async def test_the_erased_row_leaves_no_bytes_in_its_page(
     ledger: Ledger, clean_keyspace: Keyspace, tmp_path: Path
 ) -> None:
@@ -144,6 +149,7 @@ async def test_the_erased_row_leaves_no_bytes_in_its_page(
         store.close()
 
 
+@pytest.mark.sqlite_only
 async def test_a_reader_that_blocks_the_checkpoint_only_delays_it(
     ledger: Ledger, clean_keyspace: Keyspace, tmp_path: Path
 ) -> None:
@@ -166,4 +172,40 @@ async def test_a_reader_that_blocks_the_checkpoint_only_delays_it(
         assert all(b"held@example.com" not in data for data in file_bytes(db).values())
     finally:
         reader.close()
+        store.close()
+
+
+def heap_bytes(store: Store, table: str) -> bytes:
+    """Every page of the table's heap file as PostgreSQL holds it (pageinspect, a superuser's tool)."""
+    store.write(lambda conn: conn.execute("CREATE EXTENSION IF NOT EXISTS pageinspect SCHEMA public"))
+    blocks = store.query(f"SELECT pg_relation_size('{table}') / 8192")[0][0]
+    return b"".join(
+        bytes(store.query(f"SELECT public.get_raw_page('{table}', {n})")[0][0]) for n in range(blocks)
+    )
+
+
+@pytest.mark.postgres_only
+async def test_postgres_closure_rewrites_accounts_without_the_old_row_version(
+    ledger: Ledger, clean_keyspace: Keyspace, tmp_path: Path
+) -> None:
+    """The erasing UPDATE leaves the old version dead in its page; after the worker's VACUUM FULL
+    no page of the table holds it, while the neighbours stay."""
+    store = Store(history_target(tmp_path))
+    store.migrate()
+    try:
+        accounts = [
+            (await ledger.create_account(f"pg-person-{i:02d}@example.com", sub=f"pg-sub-{i:02d}"))[0]
+            for i in range(20)
+        ]
+        await drain_all(ledger, store)
+        assert b"pg-person-07" in heap_bytes(store, "accounts")
+        await ledger.close_account(accounts[7])
+        await drain_all(ledger, store)  # applies the closure, then forget_erased
+        data = heap_bytes(store, "accounts")
+        assert b"pg-person-06" in data and b"pg-sub-08" in data
+        assert b"pg-person-07" not in data and b"pg-sub-07" not in data
+        row = store.query("SELECT email, google_sub, status FROM accounts WHERE account_id = ?", (accounts[7],))
+        assert tuple(row[0]) == (None, None, "closed")
+        assert (await reconcile(ledger, store)).ok
+    finally:
         store.close()

@@ -412,7 +412,7 @@ async def test_canary_card_number_and_holder_name_reach_no_store_and_no_log(
         fingerprint = card["fingerprint"]
 
         stored = await redis_dump(redis_client, clean_keyspace.prefix)
-        stored += sqlite_dump(p.w.settings.database_path)
+        stored += sqlite_dump(p.w.settings.history_target)
         stored += [b.decode("utf-8", "replace") for b in p.w.bodies]
         logged = [r.getMessage() for r in caplog.records]
         for canary in (canary_number, canary_name, fingerprint, "ZEBRAWOOD"):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,9 +24,13 @@ from ledger.keys import Keyspace, shard_of
 from ledger.ledger import Ledger
 from ledger.rebuild import rebuild
 from ledger.reconcile import reconcile
-from ledger.store import _V1, Store, _split_sql
+from ledger.schema import _V1, pg_statements
+from ledger.schema import split_sql as _split_sql
+from ledger.store import Store
+from tests import history
 from tests.conftest import REDIS_URL, no_history
 from tests.fakes.omise import CARD_PENDING, CARD_SUCCESS, FakeOmise
+from tests.history import history_target
 
 ROOT = Path(__file__).resolve().parent.parent
 THB = 1_000_000
@@ -70,7 +74,7 @@ async def test_topup_status_only_moves_forward_and_stays_tied_to_its_charge(ledg
 
 
 async def test_topups_reach_sqlite_and_rebuild_restores_them(ledger: Ledger, tmp_path: Path) -> None:
-    store = Store(str(tmp_path / "h.sqlite3"))
+    store = Store(history_target(tmp_path, "h.sqlite3"))
     store.migrate()
     acct, _ = await ledger.create_account("r@example.com")
     paid = await ledger.create_topup(acct, 100 * THB, amount_minor=10_000, currency="thb", method="card")
@@ -101,15 +105,16 @@ async def test_topups_reach_sqlite_and_rebuild_restores_them(ledger: Ledger, tmp
 
 
 def test_migrate_upgrades_a_version_1_history(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite3"
-    conn = sqlite3.connect(path)
-    for statement in _split_sql(_V1):
-        conn.execute(statement)
-    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
-    conn.commit()
-    conn.close()
-    s = Store(str(path))
+    s = Store(history_target(tmp_path, "old.sqlite3"))
+
+    def version_1(conn: Any) -> None:
+        for statement in _split_sql(_V1):
+            for sql in pg_statements(statement) if s.postgres else [statement]:
+                conn.execute(sql)
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+
+    s.write(version_1)
     assert s.migrate() == 2
     assert s.query("SELECT count(*) FROM topups")[0][0] == 0
     s.close()
@@ -149,12 +154,8 @@ class Ops:
         assert code == 0, err
         return json.loads(out)
 
-    def audit(self) -> list[sqlite3.Row]:
-        conn = sqlite3.connect(self.db)
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute("SELECT * FROM audit_log ORDER BY id").fetchall()
-        conn.close()
-        return rows
+    def audit(self) -> list[Any]:
+        return history.rows(history.env_target(self.env), "SELECT * FROM audit_log ORDER BY id")
 
 
 @pytest.fixture
@@ -169,7 +170,7 @@ async def ops(tmp_path: Path) -> AsyncIterator[Ops]:
     }
     env.update(
         REDIS_URL=REDIS_URL,
-        DATABASE_PATH=str(tmp_path / "gateway.sqlite3"),
+        **history.history_env(tmp_path),
         LEDGER_PREFIX=prefix,
         LEDGER_SHARDS="4",
         LEDGER_ACTOR="ops-omar",
@@ -244,6 +245,6 @@ async def test_topups_sync_omise_and_refund_from_the_cli_write_the_audit_log(ops
     actions = [(r["actor"], r["action"]) for r in ops.audit()]
     assert ("ops-omar", "topups.list") in actions and ("ops-omar", "omise.sync") in actions
     assert actions.count(("ops-omar", "refund")) == 2  # the confirmed one and the refused one
-    store = Store(str(ops.db))
+    store = Store(history.env_target(ops.env))
     assert (await reconcile(ops.ledger, store)).ok
     store.close()

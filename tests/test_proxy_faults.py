@@ -456,7 +456,7 @@ async def _books_after_shutdown(
     redis_client: aioredis.Redis, keyspace: Keyspace, gw: Gateway, key: str
 ) -> list[dict[str, Any]]:
     """The gateway is gone: drain its journal into its SQLite file and check conservation there."""
-    store = Store(str(gw.settings.database_path))
+    store = Store(gw.settings.history_target)
     try:
         await JournalWorker(redis_client, keyspace, store, ledger=gw.ledger).drain_once()
         report = await reconcile(gw.ledger, store)

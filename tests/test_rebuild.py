@@ -13,6 +13,7 @@ from ledger.ledger import Ledger
 from ledger.rebuild import RebuildRefused, ledger_key_count, rebuild
 from ledger.reconcile import drain_all, reconcile
 from ledger.store import Store
+from tests.history import history_target
 from tests.test_journal import THB, metering, run_workload
 
 # Also on a real Redis Cluster (tests/conftest.py).
@@ -21,7 +22,7 @@ ON_CLUSTER = True
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    s = Store(str(tmp_path / "gateway.sqlite3"))
+    s = Store(history_target(tmp_path))
     s.migrate()
     yield s
     s.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,8 @@ import pytest
 from ledger.ledger import Ledger
 from ledger.reconcile import check_redis, check_sqlite, drain_all, reconcile
 from ledger.store import Store
+from tests import history
+from tests.history import history_target
 from tests.test_journal import THB, metering, run_workload
 
 # Also on a real Redis Cluster (tests/conftest.py).
@@ -18,7 +19,7 @@ ON_CLUSTER = True
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    s = Store(str(tmp_path / "gateway.sqlite3"))
+    s = Store(history_target(tmp_path))
     s.migrate()
     yield s
     s.close()
@@ -68,10 +69,7 @@ async def test_red_when_a_bucket_remaining_is_changed_in_redis(ledger: Ledger, c
 async def test_red_when_a_metering_row_is_deleted(ledger: Ledger, clock, store: Store) -> None:
     w = await run_workload(ledger, clock)
     assert (await reconcile(ledger, store)).ok
-    conn = sqlite3.connect(store.path)
-    with conn:
-        conn.execute("DELETE FROM metering WHERE request_id = 'req_00a2'")
-    conn.close()
+    history.execute(store.path, "DELETE FROM metering WHERE request_id = 'req_00a2'")
     problems = check_sqlite(store, now_ms=ledger.now_ms())
     assert problems == [f"sqlite {w.active}: consumed 17000000 != sum of metering charges 3000000"]
     report = await reconcile(ledger, store)
@@ -81,10 +79,7 @@ async def test_red_when_a_metering_row_is_deleted(ledger: Ledger, clock, store: 
 async def test_red_when_sqlite_totals_or_reservations_drift(ledger: Ledger, clock, store: Store) -> None:
     w = await run_workload(ledger, clock)
     await drain_all(ledger, store)
-    conn = sqlite3.connect(store.path)
-    with conn:
-        conn.execute("UPDATE account_totals SET reserved = reserved + 1 WHERE account_id = ?", (w.other,))
-    conn.close()
+    history.execute(store.path, "UPDATE account_totals SET reserved = reserved + 1 WHERE account_id = ?", (w.other,))
     report = await reconcile(ledger, store)
     assert f"{w.other}: reserved redis 0 != sqlite 1" in report.problems
     assert f"sqlite {w.other}: reserved 1 != held by open reservations 0" in report.problems

@@ -152,7 +152,7 @@ async def test_closing_removes_email_and_sub_revokes_keys_ends_session_and_recon
         await w.drain()
         for value in await redis_dump(redis_client, clean_keyspace.prefix):
             assert EMAIL not in value and SUB not in value
-        sql = sqlite_dump(w.settings.database_path)
+        sql = sqlite_dump(w.settings.history_target)
         assert not any(EMAIL in v or SUB in v for v in sql)
         # Metering and money records are kept for accounting (under the account id only).
         rows = await asyncio.to_thread(

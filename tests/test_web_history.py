@@ -253,7 +253,7 @@ async def test_closing_keeps_the_history_rows_without_the_email(
         assert [(x["kind"], x["status"]) for x in closing] == [("refund", "confirmed")]
         assert closing[0]["amount_micro"] == 492_500_000
         assert all(EMAIL not in str(v) for x in rows for v in x.values())
-        assert EMAIL not in sqlite_dump(p.w.settings.database_path)
+        assert EMAIL not in sqlite_dump(p.w.settings.history_target)
         info = await p.w.ledger.account(p.account_id)
         assert info is not None and info.status == "closed"
         assert sum(x["delta_micro"] for x in rows) == info.consumed  # nothing available any more

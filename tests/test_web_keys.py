@@ -81,7 +81,7 @@ async def test_only_hashes_of_keys_are_stored_in_redis_and_sqlite(
         k2 = (await b.post("/api/keys", headers=h)).json()
         await w.drain()
         redis_values = await redis_dump(redis_client, clean_keyspace.prefix)
-        sql_values = sqlite_dump(w.settings.database_path)
+        sql_values = sqlite_dump(w.settings.history_target)
         for key in (k1["key"], renewed["key"], k2["key"]):
             # The secret part (after the prefix shown in lists) is nowhere, in no form but its hash.
             secret = key[12:]

@@ -103,7 +103,7 @@ async def test_only_email_and_sub_are_kept_from_google(
         )
         assert (rows[0][0], rows[0][1]) == ("kept@example.com", "sub-only-this")
         redis_values = await redis_dump(redis_client, clean_keyspace.prefix)
-        sql_values = sqlite_dump(w.settings.database_path)
+        sql_values = sqlite_dump(w.settings.history_target)
         # No Google token (ID or access token, both JWT-like or opaque) anywhere: nothing starts like a JWT.
         assert not any("eyJ" in v for v in redis_values + sql_values)
         # In Redis the sub is only an index hash, never the sub itself.
@@ -136,9 +136,7 @@ async def test_request_content_is_stored_nowhere_and_usage_is_exportable(
         export = await b.get("/api/usage/export?format=json")
         rows = orjson.loads(export.body)
         assert len(rows) == 1 and rows[0]["model"] == "demo" and rows[0]["output_tokens"] > 0
-        everything = await redis_dump(redis_client, clean_keyspace.prefix) + sqlite_dump(
-            w.settings.database_path
-        )
+        everything = await redis_dump(redis_client, clean_keyspace.prefix) + sqlite_dump(w.settings.history_target)
         everything.append(export.text)
         for needle in ("CANARY", answer[:20]):
             assert not any(needle in v for v in everything), needle

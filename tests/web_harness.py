@@ -33,6 +33,7 @@ from ledger.keys import Keyspace
 from ledger.ledger import Ledger
 from ledger.store import Store
 from tests.fakes.oidc import FakeIssuer, FakeUser
+from tests.history import history_dump, history_url
 
 SESSION_SECRET = b"web-tests-session-secret-0123456789abcdef"
 
@@ -157,6 +158,7 @@ async def running_web(
         settings = Settings(
             redis_url="redis://injected",
             database_path=tmp_path / "gateway.sqlite3",
+            database_url=history_url(tmp_path),
             ledger_prefix=keyspace.prefix,
             ledger_shards=keyspace.shards,
             session_secret=SESSION_SECRET,
@@ -167,7 +169,7 @@ async def running_web(
             shutdown_grace_s=2.0,
         )
         settings = replace(settings, **overrides)
-        store = Store(str(settings.database_path))
+        store = Store(settings.history_target)
         await asyncio.to_thread(store.migrate)
         registry = load_registry(DEFAULT_MODELS_FILE, {})
         app = create_app(settings, redis=redis, registry=registry, clock=clock)
@@ -249,17 +251,6 @@ async def redis_dump(redis: Redis, prefix: str) -> list[str]:
     return out
 
 
-def sqlite_dump(path: Path) -> list[str]:
-    """Every value of every row of every table of the history file, as strings."""
-    import sqlite3
-
-    conn = sqlite3.connect(path)
-    try:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        out: list[str] = []
-        for table in tables:
-            for row in conn.execute(f'SELECT * FROM "{table}"'):
-                out += ["" if v is None else str(v) for v in row]
-        return out
-    finally:
-        conn.close()
+def sqlite_dump(target: str | Path) -> list[str]:
+    """Every value of every row of every table of the history (either engine), as strings."""
+    return history_dump(target)

@@ -6,7 +6,6 @@ import asyncio
 import csv
 import io
 import itertools
-import sqlite3
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ledger.store import HISTORY_COLUMNS, METERING_COLUMNS
+from ledger.store import HISTORY_COLUMNS, METERING_COLUMNS, UNAVAILABLE
 
 from .. import errors as E
 from ..appkeys import STORE
@@ -58,7 +57,7 @@ async def _stream(
 ) -> web.StreamResponse:
     try:
         first = await asyncio.to_thread(_next_chunk, rows)
-    except sqlite3.OperationalError:
+    except UNAVAILABLE:
         raise E.ServiceUnavailable("Usage history is not available right now; try again shortly.") from None
     stamp = time.strftime("%Y%m%d", time.gmtime())
     resp = web.StreamResponse(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from typing import Any
 
 from aiohttp import web
 
 from ledger.ledger import MAX_LIVE_KEYS, NewKey
 from ledger.money import iso_ms, parse_amount
+from ledger.store import UNAVAILABLE
 
 from .. import errors as E
 from ..appkeys import LEDGER, REGISTRY, SETTINGS, STORE
@@ -158,7 +158,7 @@ async def revoke_key(request: web.Request, account_id: str, key_id: str) -> dict
 async def _read_store(request: web.Request, fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
-    except sqlite3.OperationalError:
+    except UNAVAILABLE:
         # The history file is missing or locked past its timeout (e.g. `ledger migrate` not run yet).
         raise E.ServiceUnavailable("Usage history is not available right now; try again shortly.") from None
 
