@@ -34,6 +34,7 @@ __all__ = ["HEALTH_FILE", "STALE_AFTER_S", "WorkerHealth", "check", "health_path
 log = logging.getLogger("gateway.worker")
 
 HEALTH_FILE = "worker-health.json"
+DRAIN_BUDGET_S = 5.0  # one pass's share of a backlog; well inside STALE_AFTER_S
 STALE_AFTER_S = 30.0  # --check fails when the last pass is older than this
 ORPHANS_EVERY_S = 5.0
 GAUGES_EVERY_S = 10.0
@@ -172,7 +173,9 @@ async def run_worker(
                         log.error("the ledger's Redis has lost its data: run `python -m ledger rebuild`")
                         lost_logged = now + 60.0
                 else:
-                    health.applied_total += await worker.drain_once()
+                    # Budgeted: a long backlog is drained in passes, and each pass ends with a
+                    # fresh health record, so `worker --check` never takes a busy worker for dead.
+                    health.applied_total += await worker.drain_once(budget_s=DRAIN_BUDGET_S)
                     if now >= due["expire"]:
                         await ledger.expire()
                         due["expire"] = now + EXPIRE_EVERY_S
@@ -209,6 +212,8 @@ async def run_worker(
                 await asyncio.to_thread(health.write, path)
             except OSError as exc:
                 log.warning("cannot write the worker health record: %s", type(exc).__name__)
+            if worker.behind:
+                continue  # more journal waiting: the next pass at once
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
             except TimeoutError:

@@ -76,22 +76,32 @@ class JournalWorker:
         # Fault injection for tests: called with (shard, cursor) after the SQLite commit and before
         # the stream is trimmed; raising there is a crash between the two.
         self.after_commit = after_commit
+        self.behind = False  # the last budgeted pass stopped with events left
         self._erased = False  # an erasure was committed and the WAL not yet emptied since
         self._erase_retry_at = 0.0
 
-    async def drain_once(self) -> int:
-        """Apply every event now in the streams; returns how many were applied."""
+    async def drain_once(self, budget_s: float | None = None) -> int:
+        """Apply every event now in the streams; returns how many were applied.
+
+        With ``budget_s`` the pass stops after the first batch committed past that much time and
+        sets ``behind``: a long backlog is drained in passes, so the caller can say it is alive
+        (the worker's health record) between them."""
         applied = 0
+        self.behind = False
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         cursors = await asyncio.to_thread(self.store.cursors)
         for shard in self.keys.all_shards():
-            applied += await self._drain_shard(shard, cursors.get(shard))
+            if deadline is not None and applied and time.monotonic() >= deadline:
+                self.behind = True  # every pass commits something before it stops
+                break
+            applied += await self._drain_shard(shard, cursors.get(shard), deadline)
         if self._erased and time.monotonic() >= self._erase_retry_at:
             # An account closure was applied: its email and sub must leave the WAL's bytes too.
             self._erased = not await asyncio.to_thread(self.store.forget_erased)
             self._erase_retry_at = time.monotonic() + ERASE_RETRY_S if self._erased else 0.0
         return applied
 
-    async def _drain_shard(self, shard: int, cursor: str | None) -> int:
+    async def _drain_shard(self, shard: int, cursor: str | None, deadline: float | None = None) -> int:
         # `cursor` is only where to start reading; apply_batch re-reads it under the write lock.
         key = self.keys.journal(shard)
         applied = 0
@@ -117,6 +127,9 @@ class JournalWorker:
             if any(f.get("t") == "account_closed" for _, f in events):
                 self._erased = True
             if not full:
+                return applied
+            if deadline is not None and time.monotonic() >= deadline:
+                self.behind = True
                 return applied
 
     async def _open_personal(self, shard: int, events: list[Event]) -> None:

@@ -304,3 +304,24 @@ def test_migrate_is_idempotent_and_versioned(tmp_path: Path) -> None:
     else:
         assert s.query("PRAGMA journal_mode")[0][0] == "wal"
     s.close()
+
+
+async def test_a_budgeted_pass_drains_a_backlog_in_batches_and_says_it_is_behind(
+    ledger: Ledger, clock, store: Store
+) -> None:
+    # The worker drains in passes with a time budget so its health record stays fresh through a
+    # long backlog; a zero budget is one committed batch per pass.
+    await run_workload(ledger, clock)
+    total = sum([await ledger.redis.xlen(ledger.keys.journal(s)) for s in ledger.keys.all_shards()])
+    worker = JournalWorker(ledger.redis, ledger.keys, store, batch=3)
+    passes, applied = 0, 0
+    while True:
+        n = await worker.drain_once(budget_s=0)
+        passes += 1
+        applied += n
+        assert n <= 3
+        if not worker.behind and n == 0:
+            break
+    assert applied == total and passes > total // 3
+    report = await reconcile(ledger, store)
+    assert report.ok, report.problems
