@@ -50,6 +50,8 @@ POOL_WAIT_S = 10.0
 # A failed primary is replaced after cluster-node-timeout plus an election (about 2 s with the 1 s
 # timeout our tests use, ~6 s with the 5 s the README recommends): commands wait that long, then fail.
 FAILOVER_WAIT_S = 15.0
+# How long a ledger write waits for a replica to have it before it is acknowledged anyway.
+REPLICA_WAIT_MS = 250
 
 AnyRedis = Redis | RedisCluster
 
@@ -77,6 +79,23 @@ class BoundedCluster(RedisCluster):
         super().__init__(*args, **kwargs)
         self.in_flight = asyncio.Semaphore(max_in_flight)
         self.failover_wait_s = failover_wait_s
+        # Replicas a ledger write waits for (WAIT) before it is acknowledged: set by connect() when
+        # every primary has one, so a primary that dies right after a settle does not take it along.
+        self.wait_replicas = 0
+
+    async def wait_for_replica(self, key: str) -> int:
+        """WAIT on the node holding `key`, once and briefly: how many replicas have the writes so far.
+        Best effort: a primary gone meanwhile answers nothing (0), as without WAIT."""
+        try:
+            async with self.in_flight:
+                node = self.get_node_from_key(key)
+                acked = await RedisCluster.execute_command(
+                    self, "WAIT", self.wait_replicas, REPLICA_WAIT_MS, target_nodes=node
+                )
+                return int(acked)
+        except (*_TRANSIENT, ResponseError, AttributeError):
+            # ResponseError: the node became a replica meanwhile (WAIT is refused there).
+            return 0
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -128,6 +147,9 @@ async def connect(
         except BaseException:
             await cluster.aclose()
             raise
+        assert isinstance(cluster, BoundedCluster)  # from_url builds the class it is called on
+        slots = cluster.nodes_manager.slots_cache.values()
+        cluster.wait_replicas = 1 if slots and all(len(nodes) > 1 for nodes in slots) else 0
         return cluster
     # Blocking pool (past its size a command waits) with a retry for connections gone stale.
     return redis_client(url, pool_size=pool_size, pool_wait_s=pool_wait_s)

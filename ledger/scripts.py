@@ -14,7 +14,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from .redis_client import AnyRedis
+from .redis_client import AnyRedis, BoundedCluster
 
 __all__ = ["SCRIPT_NAMES", "Scripts", "script_source"]
 
@@ -58,7 +58,15 @@ class Scripts:
         # an operator's SCRIPT FLUSH) gets one more try. The scripts are idempotent on their ids.
         for _ in range(2):
             try:
-                return await self._scripts[name](keys=[journal_key], args=argv)
+                return await self._replicated(await self._scripts[name](keys=[journal_key], args=argv), journal_key)
             except NoScriptError:
                 continue
-        return await self._scripts[name](keys=[journal_key], args=argv)
+        return await self._replicated(await self._scripts[name](keys=[journal_key], args=argv), journal_key)
+
+    async def _replicated(self, result: Any, journal_key: str) -> Any:
+        # On a cluster with replicas a change is acknowledged once a replica has it too: Redis
+        # replication is asynchronous, and a primary killed right after a settle would otherwise
+        # take an answered request's charge with it.
+        if isinstance(self._redis, BoundedCluster) and self._redis.wait_replicas:
+            await self._redis.wait_for_replica(journal_key)
+        return result

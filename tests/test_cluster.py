@@ -358,3 +358,15 @@ async def test_the_gateway_serves_through_a_primary_killed_under_load_and_bills_
         redis_cluster.wait_healthy()
         await delete_keys(client, [k async for k in scan_keys(client, f"{keyspace.prefix}:*")])
         await client.aclose()
+
+
+async def test_ledger_writes_wait_for_a_replica_when_every_primary_has_one(redis_cluster: LocalCluster) -> None:
+    # Redis replication is asynchronous: a settle acknowledged before its replica had it would be
+    # lost with a primary killed right after. The client finds the replicas and the scripts WAIT.
+    client = await connect(redis_cluster.url)
+    try:
+        assert isinstance(client, BoundedCluster) and client.wait_replicas == 1
+        await client.set("{s00}:probe", "1")
+        assert await client.wait_for_replica("{s00}:probe") == 1
+    finally:
+        await client.aclose()
