@@ -15,6 +15,8 @@ from gateway.translate.names import ToolNameMap
 from gateway.translate.responses import anthropic_to_openai_response
 from gateway.translate.responses_tools import ResponsesToolMap
 from gateway.translate.stop_reasons import OPENAI_OVERLOADED_FINISH
+from gateway.translate.usage import anthropic_usage_to_openai
+from gateway.translate.usage import count as _int
 
 __all__ = [
     "anthropic_to_responses_response",
@@ -27,13 +29,6 @@ __all__ = [
     "response_object",
     "tool_call_item",
 ]
-
-
-def _int(value: Any) -> int:
-    # Upstreams send null, missing or (rarely) float counts; a count is never negative.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0
-    return max(int(value), 0)
 
 
 def chat_usage_to_responses(usage: dict[str, Any] | None) -> dict[str, Any]:
@@ -59,17 +54,9 @@ def chat_usage_to_responses(usage: dict[str, Any] | None) -> dict[str, Any]:
 
 def anthropic_usage_to_chat(usage: dict[str, Any] | None) -> dict[str, Any]:
     """Anthropic usage -> Chat usage that keeps cache writes apart (prompt_tokens includes them)."""
-    usage = usage or {}
-    read = _int(usage.get("cache_read_input_tokens"))
-    written = _int(usage.get("cache_creation_input_tokens"))
-    prompt = _int(usage.get("input_tokens")) + read + written
-    output = _int(usage.get("output_tokens"))
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": output,
-        "total_tokens": prompt + output,
-        "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": written},
-    }
+    chat = anthropic_usage_to_openai(usage)
+    chat["prompt_tokens_details"]["cache_write_tokens"] = _int((usage or {}).get("cache_creation_input_tokens"))
+    return chat
 
 
 def incomplete_reason(finish_reason: str | None) -> str | None:

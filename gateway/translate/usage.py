@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["anthropic_usage_to_openai", "openai_usage_to_anthropic"]
+__all__ = ["anthropic_usage_to_openai", "count", "openai_usage_to_anthropic"]
 
 
-def _int(value: Any) -> int:
+def count(value: Any) -> int:
     # Upstreams send null, missing or (rarely) float counts; a count is never negative.
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0
@@ -17,16 +17,16 @@ def _int(value: Any) -> int:
 def openai_usage_to_anthropic(usage: dict[str, Any] | None) -> dict[str, int]:
     """OpenAI/DeepSeek usage -> Anthropic usage, where input_tokens excludes the cached parts."""
     usage = usage or {}
-    prompt = _int(usage.get("prompt_tokens"))
+    prompt = count(usage.get("prompt_tokens"))
     details = usage.get("prompt_tokens_details") or {}
     if "prompt_cache_hit_tokens" in usage:  # DeepSeek's own field is authoritative when present
-        hit = _int(usage.get("prompt_cache_hit_tokens"))
+        hit = count(usage.get("prompt_cache_hit_tokens"))
     else:
-        hit = _int(details.get("cached_tokens"))
-    creation = _int(details.get("cache_write_tokens") or details.get("cache_creation_tokens"))
+        hit = count(details.get("cached_tokens"))
+    creation = count(details.get("cache_write_tokens") or details.get("cache_creation_tokens"))
     return {
         "input_tokens": max(prompt - hit - creation, 0),
-        "output_tokens": _int(usage.get("completion_tokens")),
+        "output_tokens": count(usage.get("completion_tokens")),
         "cache_read_input_tokens": hit,
         "cache_creation_input_tokens": creation,
     }
@@ -35,10 +35,10 @@ def openai_usage_to_anthropic(usage: dict[str, Any] | None) -> dict[str, int]:
 def anthropic_usage_to_openai(usage: dict[str, Any] | None) -> dict[str, Any]:
     """Anthropic usage -> OpenAI usage, where prompt_tokens includes cache reads and writes."""
     usage = usage or {}
-    read = _int(usage.get("cache_read_input_tokens"))
-    creation = _int(usage.get("cache_creation_input_tokens"))
-    prompt = _int(usage.get("input_tokens")) + read + creation
-    completion = _int(usage.get("output_tokens"))
+    read = count(usage.get("cache_read_input_tokens"))
+    creation = count(usage.get("cache_creation_input_tokens"))
+    prompt = count(usage.get("input_tokens")) + read + creation
+    completion = count(usage.get("output_tokens"))
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
