@@ -33,7 +33,14 @@ from typing import Any
 
 from . import tokens
 
-__all__ = ["CACHE_MIN_UNIT_BYTES", "PromptEstimate", "TokenCountCache", "estimate_prompt", "utf8_len"]
+__all__ = [
+    "CACHE_MIN_UNIT_BYTES",
+    "PromptEstimate",
+    "TokenCountCache",
+    "estimate_prompt",
+    "raw_bound",
+    "utf8_len",
+]
 
 # Units smaller than this are counted directly (a few microseconds): no hash of a short text is ever
 # kept, and the cache holds only units worth the memory.
@@ -120,19 +127,29 @@ _default_cache = TokenCountCache()
 class PromptEstimate:
     """One request's prompt: ``bound`` now, ``await exact()`` when the exact count is needed.
 
-    Keeps references to the body's text parts until the exact count is made (or the request ends),
-    never copies of them; the cache it fills keeps none.
+    Keeps a reference to the request body (or to its text parts) until the exact count is made (or
+    the request ends), never copies; the cache it fills keeps none.
     """
 
-    __slots__ = ("_cache", "_cuts", "_exact", "_overhead", "_parts", "_text_bytes", "bound")
+    __slots__ = ("_body", "_cache", "_cuts", "_exact", "_fmt", "_overhead", "_parts", "_size", "bound")
 
-    def __init__(self, overhead: int, parts: list[str], cuts: list[int], cache: TokenCountCache) -> None:
-        self._overhead = overhead
-        self._parts = parts
-        self._cuts = cuts
+    def __init__(
+        self,
+        bound: int,
+        cache: TokenCountCache,
+        *,
+        collected: tuple[int, list[str], list[int]] | None = None,
+        body: dict[str, Any] | None = None,
+        fmt: str = "openai",
+    ) -> None:
+        # Either the parts already collected (``collected``) or the body to collect them from when
+        # the exact count is asked for.
+        self.bound = bound
+        self._size = bound  # how large the text is, near enough to choose the loop or a thread
         self._cache = cache
-        self._text_bytes = sum(map(utf8_len, parts))
-        self.bound = overhead + self._text_bytes
+        self._body = body
+        self._fmt = fmt
+        self._overhead, self._parts, self._cuts = collected if collected is not None else (0, [], [])
         self._exact: asyncio.Future[int] | int | None = None
 
     @property
@@ -143,6 +160,9 @@ class PromptEstimate:
         """The exact count, on this thread (``exact()`` moves large ones off the event loop)."""
         if isinstance(self._exact, int):
             return self._exact
+        if self._body is not None:
+            self._overhead, self._parts, self._cuts = tokens.collect_request(self._body, self._fmt)
+            self._body = None
         parts, cuts, cache = self._parts, self._cuts, self._cache
         total = self._overhead
         for start, end in itertools.pairwise(cuts):
@@ -155,7 +175,7 @@ class PromptEstimate:
         if isinstance(self._exact, int):
             return self._exact
         if self._exact is None:
-            if self._text_bytes <= tokens.ASYNC_THRESHOLD_CHARS:
+            if self._size <= tokens.ASYNC_THRESHOLD_CHARS:
                 self._settle_exact(self.exact_now())
                 assert isinstance(self._exact, int)
                 return self._exact
@@ -168,11 +188,33 @@ class PromptEstimate:
 
     def _settle_exact(self, count: int) -> None:
         self._exact = count
+        self._body = None
         self._parts = []  # the text is not needed any more
         self._cuts = []
 
 
-def estimate_prompt(body: dict[str, Any], fmt: str, cache: TokenCountCache | None = None) -> PromptEstimate:
-    """The prompt of a client body in ``fmt`` ("openai" or "anthropic"); cheap: no tokenizing."""
+def estimate_prompt(
+    body: dict[str, Any], fmt: str, cache: TokenCountCache | None = None, *, raw_bytes: int | None = None
+) -> PromptEstimate:
+    """The prompt of a client body in ``fmt`` ("openai" or "anthropic"); cheap: no tokenizing.
+
+    With ``raw_bytes`` (the length of the JSON text the body was parsed from) the bound is that length
+    plus the fixed estimates of images and documents, and the body is not walked for its text until
+    an exact count is asked for (see ``raw_bound``)."""
+    cache = _default_cache if cache is None else cache
+    if raw_bytes is not None:
+        return PromptEstimate(raw_bound(body, fmt, raw_bytes), cache, body=body, fmt=fmt)
     overhead, parts, cuts = tokens.collect_request(body, fmt)
-    return PromptEstimate(overhead, parts, cuts, _default_cache if cache is None else cache)
+    return PromptEstimate(overhead + sum(map(utf8_len, parts)), cache, collected=(overhead, parts, cuts))
+
+
+def raw_bound(body: dict[str, Any], fmt: str, raw_bytes: int) -> int:
+    """An upper bound of the exact count from the length of the body's JSON text: every text part the
+    count encodes is a JSON string in that text, whose escaped form is at least as long as its UTF-8
+    bytes (a lone surrogate is 6 bytes escaped, 3 counted); the JSON values counted as text (tools,
+    tool inputs, unknown blocks) are re-encoded compactly, no longer than the client wrote them; the
+    per-message framing tokens are fewer than each message's own punctuation and keys, which are not
+    counted. Images and documents are added at their fixed estimates.
+    One exception, stated rather than paid for on every request: a number the client wrote with an
+    exponent inside a counted JSON value (``1e5``) is re-encoded longer (``100000.0``)."""
+    return raw_bytes + tokens.fixed_estimates(body, fmt)

@@ -34,9 +34,10 @@ from .appkeys import REQUEST_ID
 from .auth import REVOKED, KeyCache, authenticate_cached
 from .exchange import Exchange, bill_for, bill_now
 from .formats import FORMATS, ClientFormat, Outgoing, ReplyContext
-from .jsonbody import read_json_object
+from .jsonbody import check_depth, read_json
 from .metrics import Metrics
 from .models import Model, Registry
+from .rawjson import patched
 from .relay import echo_model, relay_stream
 from .settings import Settings
 
@@ -85,6 +86,7 @@ class Proxy:
         # Settlements Redis did not take wait here (on disk) until it does; None: log and lose them.
         self.spool: Spool | None = None
         self.key_cache = KeyCache()
+        self._user_tags: dict[str, str] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             connect=settings.upstream_connect_timeout_s,
@@ -118,9 +120,16 @@ class Proxy:
 
     def _user_tag(self, key_id: str) -> str:
         # Stands in for a client's own user id upstream (Claude Code's metadata.user_id carries its
-        # device and session ids): stable per key, meaningless outside the gateway.
-        mac = hmac.new(self.settings.session_secret, key_id.encode(), hashlib.sha256).hexdigest()
-        return f"cp_{mac[:32]}"
+        # device and session ids): stable per key, meaningless outside the gateway. Kept per key (an
+        # HMAC a request is measurable on the small-request path); the map is bounded.
+        tag = self._user_tags.get(key_id)
+        if tag is None:
+            mac = hmac.new(self.settings.session_secret, key_id.encode(), hashlib.sha256).hexdigest()
+            tag = f"cp_{mac[:32]}"
+            if len(self._user_tags) >= 4096:
+                self._user_tags.clear()
+            self._user_tags[key_id] = tag
+        return tag
 
     def _insufficient(self, needed: int, available: int, useful: int) -> E.InsufficientCredit:
         currency = self.registry.currency
@@ -134,11 +143,14 @@ class Proxy:
 
     async def _handle(self, request: web.Request, client: ClientFormat) -> web.StreamResponse:
         key, key_hash = await authenticate_cached(request, self.ledger, self.key_cache)
-        body = await read_json_object(request)
+        raw, body = await read_json(request)
         intake = client.intake(body)
         model = self._model(intake.model_name)
+        route = client.routes[model.provider.format]
+        if not route.passthrough:
+            check_depth(body)  # translators recurse; a passthrough forwards the body unwalked
         request_id: str = request[REQUEST_ID]
-        prompt = client.estimate_input(body)  # an upper bound now; the exact count only if needed
+        prompt = client.estimate_input(body, len(raw))  # an upper bound now; exact only if needed
         requested_out = min(intake.requested_output or model.max_output_tokens, model.max_output_tokens)
         started_ms = self.ledger.now_ms()
         prices = model.prices_at(started_ms)  # a price window is chosen by the request's start
@@ -173,7 +185,7 @@ class Proxy:
             model=model,
             client_model=intake.model_name,
             client=client,
-            route=client.routes[model.provider.format],
+            route=route,
             stream=intake.stream,
             include_usage=intake.include_usage,
             prompt=prompt,
@@ -184,7 +196,7 @@ class Proxy:
         self.live[request_id] = key.account_id
         self.exchanges[request_id] = ex
         try:
-            return await self._forward(request, ex, body)
+            return await self._forward(request, ex, raw, body)
         except asyncio.CancelledError:
             ex.status = "shutdown" if self.shutting_down else "client_disconnect"
             raise
@@ -251,7 +263,7 @@ class Proxy:
 
     # ----- upstream -------------------------------------------------------------------------------
     def _upstream_request(
-        self, request: web.Request, ex: Exchange, body: dict[str, Any]
+        self, request: web.Request, ex: Exchange, raw: bytes, body: dict[str, Any]
     ) -> tuple[str, dict[str, str], bytes]:
         provider = ex.model.provider
         betas = request.headers.get("anthropic-beta", "") if ex.client.anthropic_headers else ""
@@ -262,7 +274,9 @@ class Proxy:
         ex.body, ex.route_state = body, outgoing.state
         if ex.upstream_fmt == "openai" and ex.stream:
             out["stream"] = True
-            out["stream_options"] = {**(out.get("stream_options") or {}), "include_usage": True}
+            options = out.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                out["stream_options"] = {**(options or {}), "include_usage": True}
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if ex.stream else "application/json"}
         if ex.upstream_fmt == "openai":
             api_key = self.internal_token if provider.internal else provider.api_key
@@ -282,10 +296,15 @@ class Proxy:
             host, port = request.transport.get_extra_info("sockname")[:2] if request.transport else ("127.0.0.1", 0)
             host = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
             url = f"http://{host}:{port}/_demo/v1/chat/completions"
-        return url, headers, orjson.dumps(out)
+        # A passthrough's edit is shallow: the client's bytes go on when it changed nothing, or only
+        # added members; otherwise (and always for a translation) the edited object is encoded.
+        payload = patched(raw, body, out) if ex.route.passthrough else orjson.dumps(out)
+        return url, headers, payload
 
-    async def _forward(self, request: web.Request, ex: Exchange, body: dict[str, Any]) -> web.StreamResponse:
-        url, headers, payload = self._upstream_request(request, ex, body)
+    async def _forward(
+        self, request: web.Request, ex: Exchange, raw: bytes, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        url, headers, payload = self._upstream_request(request, ex, raw, body)
         provider = ex.model.provider
         if provider.api_key is None and not provider.internal:
             raise E.UpstreamError(

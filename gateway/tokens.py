@@ -33,6 +33,7 @@ __all__ = [
     "count_parts",
     "count_text",
     "count_text_async",
+    "fixed_estimates",
     "is_loaded",
     "load_encoding",
     "require_loaded",
@@ -230,7 +231,14 @@ def _collect_openai(body: dict[str, Any], parts: list[str], cuts: list[int]) -> 
     return overhead
 
 
-def _anthropic_blocks(content: Any, parts: list[str]) -> int:
+# Blocks nest (tool_result and document content): a body the proxy forwards unwalked may nest them
+# arbitrarily deep, and a count must not hit the recursion limit; deeper blocks are not counted.
+_MAX_BLOCK_NESTING = 16
+
+
+def _anthropic_blocks(content: Any, parts: list[str], depth: int = 0) -> int:
+    if depth > _MAX_BLOCK_NESTING:
+        return 0
     if isinstance(content, str):
         parts.append(content)
         return 0
@@ -253,7 +261,7 @@ def _anthropic_blocks(content: Any, parts: list[str]) -> int:
             ):
                 parts.append(source["data"])
             elif isinstance(source, dict) and source.get("type") == "content":
-                overhead += _anthropic_blocks(source.get("content"), parts)
+                overhead += _anthropic_blocks(source.get("content"), parts, depth + 1)
             else:
                 overhead += DOCUMENT_TOKENS_ESTIMATE
         elif kind == "tool_use" or kind == "server_tool_use":
@@ -261,7 +269,7 @@ def _anthropic_blocks(content: Any, parts: list[str]) -> int:
                 parts.append(block["name"])
             parts.append(_json_text(block.get("input")))
         elif kind == "tool_result":
-            overhead += _anthropic_blocks(block.get("content"), parts)
+            overhead += _anthropic_blocks(block.get("content"), parts, depth + 1)
         elif kind == "thinking":
             if isinstance(block.get("thinking"), str):
                 parts.append(block["thinking"])
@@ -288,6 +296,54 @@ def _collect_anthropic(body: dict[str, Any], parts: list[str], cuts: list[int]) 
         parts.append(_json_text(tools))
         cuts.append(len(parts))
     return overhead
+
+
+def _openai_fixed(body: dict[str, Any]) -> int:
+    total = 0
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            total += _openai_content(content, [])
+    return total
+
+
+def _anthropic_fixed(content: Any, depth: int = 0) -> int:
+    # _anthropic_blocks' overhead without collecting text: images, documents counted at their fixed
+    # estimates, nested content followed (text parts add nothing here).
+    if depth > _MAX_BLOCK_NESTING or not isinstance(content, list):
+        return 0
+    total = 0
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "image":
+            total += IMAGE_TOKENS_ANTHROPIC
+        elif kind == "document":
+            source = block.get("source")
+            if isinstance(source, dict) and source.get("type") == "text" and isinstance(source.get("data"), str):
+                continue
+            if isinstance(source, dict) and source.get("type") == "content":
+                total += _anthropic_fixed(source.get("content"), depth + 1)
+            else:
+                total += DOCUMENT_TOKENS_ESTIMATE
+        elif kind == "tool_result":
+            total += _anthropic_fixed(block.get("content"), depth + 1)
+    return total
+
+
+def fixed_estimates(body: dict[str, Any], fmt: str) -> int:
+    """The part of a request's estimate that is not text: its images and documents at their fixed
+    estimates (the same rules as ``collect_request``). Walks only content lists, never text."""
+    if fmt != "anthropic":
+        return _openai_fixed(body)
+    total = _anthropic_fixed(body.get("system"))
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, dict):
+            total += _anthropic_fixed(message.get("content"))
+    return total
 
 
 def count_parts(parts: list[str]) -> int:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gateway import tokens
@@ -137,6 +138,82 @@ async def test_anthropic_bound_is_never_below_the_exact_count(body: dict[str, An
     exact = tokens.count_anthropic_request(body)
     assert prompt.bound >= exact
     assert await prompt.exact() == exact
+
+
+# What the proxy computes: the length of the client's JSON text plus images and documents at their
+# fixed estimates (gateway.estimate.raw_bound), never walking the text. Clients write JSON compact,
+# spaced, pretty or ASCII-escaped; each must give a bound at or above the exact count of the parse.
+_writers = st.sampled_from(
+    [
+        orjson.dumps,
+        lambda o: json.dumps(o).encode(),
+        lambda o: json.dumps(o, ensure_ascii=False, separators=(",", ":")).encode(),
+        lambda o: json.dumps(o, indent=1).encode(),
+    ]
+)
+
+
+def _written(body: dict[str, Any], write: Any) -> tuple[bytes, dict[str, Any]]:
+    try:
+        raw = write(body)
+        parsed = orjson.loads(raw)  # what the proxy works on (a client's NaN or lone surrogate: no JSON)
+    except (TypeError, ValueError, orjson.JSONDecodeError):
+        assume(False)
+    return raw, parsed
+
+
+@SETTINGS
+@given(openai_bodies, _writers)
+async def test_openai_bound_from_the_json_text_is_never_below_the_exact_count(body: dict[str, Any], write: Any) -> None:
+    raw, parsed = _written(body, write)
+    prompt = estimate_prompt(parsed, "openai", TokenCountCache(), raw_bytes=len(raw))
+    exact = tokens.count_openai_request(parsed)
+    assert prompt.bound >= exact
+    assert await prompt.exact() == exact
+
+
+@SETTINGS
+@given(anthropic_bodies, _writers)
+async def test_anthropic_bound_from_the_json_text_is_never_below_the_exact_count(
+    body: dict[str, Any], write: Any
+) -> None:
+    raw, parsed = _written(body, write)
+    prompt = estimate_prompt(parsed, "anthropic", TokenCountCache(), raw_bytes=len(raw))
+    exact = tokens.count_anthropic_request(parsed)
+    assert prompt.bound >= exact
+    assert await prompt.exact() == exact
+
+
+def test_the_bound_from_the_json_text_does_not_walk_the_text_until_asked() -> None:
+    body = _agent_body(3, marked=2)
+    raw = orjson.dumps(body)
+    prompt = estimate_prompt(body, "anthropic", TokenCountCache(), raw_bytes=len(raw))
+    assert prompt.bound == len(raw)  # no images or documents in it
+    assert prompt._parts == [] and not prompt.is_exact  # nothing collected yet
+    assert prompt.exact_now() == tokens.count_anthropic_request(body) < prompt.bound
+
+
+def test_images_and_documents_add_their_fixed_estimates_to_the_text_bound() -> None:
+    image = {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}
+    doc = {"type": "document", "source": {"type": "base64", "data": "AAAA"}}
+    nested = {"type": "tool_result", "tool_use_id": "t", "content": [image]}
+    body = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [image, doc, nested]}]}
+    raw = orjson.dumps(body)
+    bound = estimate_prompt(body, "anthropic", raw_bytes=len(raw)).bound
+    assert bound == len(raw) + 2 * tokens.IMAGE_TOKENS_ANTHROPIC + tokens.DOCUMENT_TOKENS_ESTIMATE
+    chat = {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}
+    raw = orjson.dumps(chat)
+    assert estimate_prompt(chat, "openai", raw_bytes=len(raw)).bound == len(raw) + tokens.IMAGE_TOKENS_OPENAI
+
+
+def test_blocks_nested_past_the_limit_are_not_followed() -> None:
+    # A same-format body is forwarded unchecked for depth: counting it must not recurse without end.
+    content: Any = "deep"
+    for _ in range(900):
+        content = [{"type": "tool_result", "tool_use_id": "t", "content": content}]
+    body = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": content}]}
+    assert tokens.count_anthropic_request(body) >= 0
+    assert tokens.fixed_estimates(body, "anthropic") == 0
 
 
 def test_the_bound_on_source_code_is_a_few_times_the_count_not_more() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -71,6 +72,38 @@ async def test_openai_stream_passes_upstream_bytes_through_and_bills_exactly(gw:
     bal = await gw.ledger.balance(await gw.account_of(key))
     assert bal.available_micro == 100_000_000 - rows[0]["charge_micro"]
     assert bal.reserved_micro == 0
+    await gw.reconcile_ok()
+
+
+async def test_a_same_format_body_goes_upstream_as_the_clients_own_bytes(gw: Gateway, fake: FakeUpstream) -> None:
+    # Re-encoding an agent's 400 KB body costs half a parse: what the gateway does not change goes
+    # on as the client wrote it (here Python's spaced JSON with escaped non-ASCII), and what it adds
+    # (the output cap the hold was sized for) goes in front.
+    key = await gw.funded_key(100)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    body = chat(stream=True, stream_options={"include_usage": True}, temperature=0.5)
+    body["messages"] = [{"role": "user", "content": "Sawasdee \u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35 \"hi\""}]
+    raw = json.dumps(body, indent=1).encode()
+    async with gw.http.post(gw.url + "/v1/chat/completions", data=raw, headers=headers) as r:
+        assert r.status == 200
+        await r.read()
+    sent = fake.requests[-1].raw
+    assert sent.startswith(b'{"max_tokens":') and sent.endswith(raw[1:])
+    assert orjson.loads(sent) == {**body, "max_tokens": orjson.loads(sent)["max_tokens"]}
+    # A cap the client set and the hold allows: nothing changes, not even a byte.
+    raw = json.dumps({**body, "max_tokens": 64}).encode()
+    async with gw.http.post(gw.url + "/v1/chat/completions", data=raw, headers=headers) as r:
+        assert r.status == 200
+        await r.read()
+    assert fake.requests[-1].raw == raw
+    # A renamed model is a replaced member: the edited object is encoded whole, exactly.
+    raw = json.dumps({**body, "model": "deepseek-test"}).encode()
+    async with gw.http.post(gw.url + "/v1/chat/completions", data=raw, headers=headers) as r:
+        assert r.status == 200
+        await r.read()
+    assert fake.requests[-1].body["model"] == "deepseek-upstream"
+    assert fake.requests[-1].body["messages"] == body["messages"]
+    await gw.settled()
     await gw.reconcile_ok()
 
 

@@ -114,12 +114,18 @@ class ReplyContext:
 @dataclass(frozen=True, slots=True)
 class Route:
     """One (client format, upstream format) pair. ``response``/``stream``/``error`` left None mean the
-    upstream already speaks the client's format: pass its bytes through."""
+    upstream already speaks the client's format: pass its bytes through. Then ``request`` must be a
+    shallow edit of the body (top-level members set or removed, nested values never changed in
+    place): the proxy forwards the client's own bytes when the edit only adds members."""
 
     request: Callable[[dict[str, Any], Outgoing], dict[str, Any]]
     response: Callable[[dict[str, Any], ReplyContext], dict[str, Any]] | None = None
     stream: Callable[[ReplyContext], StreamTranslator] | None = None
     error: Callable[[int, dict[str, Any]], dict[str, Any]] | None = None
+
+    @property
+    def passthrough(self) -> bool:
+        return self.response is None and self.stream is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +133,8 @@ class ClientFormat:
     name: str
     error_format: str  # "openai" or "anthropic": how errors and in-stream failures are written
     intake: Callable[[dict[str, Any]], Intake]
-    estimate_input: Callable[[dict[str, Any]], PromptEstimate]  # cheap: a bound, exact on demand
+    # Cheap: a bound, exact on demand; gets the body and the length of the JSON text it came from.
+    estimate_input: Callable[[dict[str, Any], int], PromptEstimate]
     routes: dict[str, Route]
     # The client speaks Anthropic's protocol: its anthropic-beta header goes on to Anthropic upstreams.
     anthropic_headers: bool = False

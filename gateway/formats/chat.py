@@ -64,7 +64,7 @@ OPENAI = ClientFormat(
     name="openai",
     error_format="openai",
     intake=openai_intake,
-    estimate_input=lambda body: estimate_prompt(body, "openai"),
+    estimate_input=lambda body, size: estimate_prompt(body, "openai", raw_bytes=size),
     routes={
         "openai": Route(request=_openai_passthrough),
         "anthropic": Route(

@@ -76,7 +76,7 @@ ANTHROPIC = ClientFormat(
     error_format="anthropic",
     anthropic_headers=True,
     intake=anthropic_intake,
-    estimate_input=lambda body: estimate_prompt(body, "anthropic"),
+    estimate_input=lambda body, size: estimate_prompt(body, "anthropic", raw_bytes=size),
     routes={
         "anthropic": Route(request=_anthropic_passthrough),
         "openai": Route(

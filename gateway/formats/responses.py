@@ -43,8 +43,8 @@ def responses_intake(body: dict[str, Any]) -> Intake:
     return Intake(model_name, stream, True, asked)
 
 
-def _estimate(body: dict[str, Any]) -> PromptEstimate:
-    # Estimated on the Chat form; a request the gateway cannot serve (stateful fields, malformed
+def _estimate(body: dict[str, Any], size: int) -> PromptEstimate:
+    # Estimated on the Chat form (its text, not the size of the Responses body); a request the gateway cannot serve (stateful fields, malformed
     # items) is refused here, a 400 before anything is held.
     chat, _ = responses_to_chat_request(body, upstream_model="", max_tokens=1)
     return estimate_prompt(chat, "openai")
