@@ -80,9 +80,46 @@ def _observe(ex: Exchange, event: str, obj: dict[str, Any]) -> None:
         ex.tracker.observe_event(event, obj)
 
 
+_JSON_SPACE = (b" ", b"\t", b"\n", b"\r")
+
+
+def _has_member(data: bytes, token: bytes, *, null_counts: bool) -> bool:
+    """Whether the event's JSON has a member ``token`` (a key's quoted bytes), with a non-null value
+    unless ``null_counts``. A quote inside a JSON string is escaped, so the token with its unescaped
+    quotes followed by a colon can only be a key."""
+    at = data.find(token)
+    while at >= 0:
+        pos = at + len(token)
+        while data[pos : pos + 1] in _JSON_SPACE:
+            pos += 1
+        if data[pos : pos + 1] == b":":
+            if null_counts:
+                return True
+            pos += 1
+            while data[pos : pos + 1] in _JSON_SPACE:
+                pos += 1
+            if data[pos : pos + 4] != b"null":
+                return True
+        at = data.find(token, at + 1)
+    return False
+
+
+# Anthropic events that carry only output text (or nothing): their text is deferred, not parsed.
+_TEXT_ONLY_EVENTS = frozenset(("content_block_delta", "content_block_stop", "ping"))
+
+
+def _carries_billing(openai: bool, event: str | None, data: bytes) -> bool:
+    """Whether a passthrough event may carry usage, an error or the end: only those are parsed as
+    they pass; the text of the others waits unparsed (UsageTracker.defer) and is read only if needed."""
+    if openai:
+        return _has_member(data, b'"usage"', null_counts=False) or _has_member(data, b'"error"', null_counts=True)
+    return event is None or event not in _TEXT_ONLY_EVENTS
+
+
 async def _passthrough(ex: Exchange, up: aiohttp.ClientResponse, resp: web.StreamResponse) -> None:
     parser = SSEParser()
     openai = ex.upstream_fmt == "openai"
+    tracker = ex.tracker
     up_name, client_name = ex.model.upstream_model, ex.client_model
     # An OpenAI client that did not ask for usage must not get the extra usage-only chunk we asked
     # for: then events are re-framed one by one (still without re-encoding their JSON).
@@ -95,27 +132,33 @@ async def _passthrough(ex: Exchange, up: aiohttp.ClientResponse, resp: web.Strea
                 await resp.write(echo_model(chunk, up_name, client_name))
                 ex.produced = True
             for ev in events:
-                if ev.data == DONE:
+                data = ev.data
+                if data == DONE:
                     saw_end = True
                     if filtering:
                         await resp.write(b"data: [DONE]\n\n")
                     continue
-                try:
-                    obj = orjson.loads(ev.data)
-                except orjson.JSONDecodeError:
-                    continue
-                if not isinstance(obj, dict):
-                    continue
-                event = ev.event or str(obj.get("type", ""))
-                _observe(ex, event, obj)
-                if _in_stream_error(ex.upstream_fmt, event, obj) is not None:
-                    ex.status = "upstream_error"
-                elif not openai and ev.event == "message_stop":
-                    saw_end = True
-                if filtering:
-                    if not obj.get("choices") and "usage" in obj and "error" not in obj:
+                tracker.defer(data)  # its text, read only if ever needed
+                if _carries_billing(openai, ev.event, data):
+                    try:
+                        obj = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if not isinstance(obj, dict):
+                        continue
+                    event = ev.event or str(obj.get("type", ""))
+                    if openai:
+                        tracker.observe_chunk(obj, pieces=False)
+                    else:
+                        tracker.observe_event(event, obj, pieces=False)
+                    if _in_stream_error(ex.upstream_fmt, event, obj) is not None:
+                        ex.status = "upstream_error"
+                    elif not openai and ev.event == "message_stop":
+                        saw_end = True
+                    if filtering and not obj.get("choices") and "usage" in obj and "error" not in obj:
                         continue  # the usage chunk the client did not ask for
-                    await resp.write(echo_model(b"data: " + ev.data + b"\n\n", up_name, client_name))
+                if filtering:
+                    await resp.write(echo_model(b"data: " + data + b"\n\n", up_name, client_name))
                     ex.produced = True
     except TimeoutError:
         ex.status = "upstream_timeout"

@@ -26,7 +26,7 @@ import orjson
 
 from gateway import tokens
 
-__all__ = ["Usage", "UsageResult", "UsageTracker", "charge_micro"]
+__all__ = ["DEFER_LIMIT", "Usage", "UsageResult", "UsageTracker", "charge_micro"]
 
 
 @dataclass(slots=True)
@@ -95,11 +95,18 @@ def _openai_usage(raw: dict[str, Any]) -> Usage | None:
     return Usage(input_cache_hit=hit, input_cache_miss=miss, output=output)
 
 
+# Bytes of passthrough events a stream keeps unparsed at most (a few hundred chunks): bounds the
+# memory of a long stream's text kept as JSON rather than as text.
+DEFER_LIMIT = 32 * 1024
+
+
 class UsageTracker:
     """Fed one upstream response (stream events or a whole body); knows its usage and stop reason."""
 
     __slots__ = (
         "_anthropic_input_seen",
+        "_deferred",
+        "_deferred_bytes",
         "_final",
         "_pieces",
         "_usage",
@@ -116,6 +123,10 @@ class UsageTracker:
         self._anthropic_input_seen = False
         # Output text pieces, for the estimate when no usage arrives. Memory only, never logged.
         self._pieces: list[str] = []
+        # Passthrough events not parsed yet (their text is needed only without a usage report or
+        # for a progress note): parsed in order when it is, or once they pass DEFER_LIMIT bytes.
+        self._deferred: list[bytes] = []
+        self._deferred_bytes = 0
         self.finish_reason: str | None = None  # OpenAI upstream
         self.stop_reason: str | None = None  # Anthropic upstream
         self.error_type: str | None = None  # an in-stream error's type (never its message)
@@ -139,19 +150,20 @@ class UsageTracker:
 
     # ---- OpenAI / DeepSeek --------------------------------------------------------------------
 
-    def observe_chunk(self, obj: dict[str, Any]) -> None:
-        """One parsed ``data:`` object of an OpenAI-format stream."""
+    def observe_chunk(self, obj: dict[str, Any], *, pieces: bool = True) -> None:
+        """One parsed ``data:`` object of an OpenAI-format stream; ``pieces=False``: its text is
+        handed to ``defer`` instead."""
         try:
-            self._observe_chunk(obj)
+            self._observe_chunk(obj, pieces)
         except (AttributeError, TypeError):
             pass  # a malformed chunk carries nothing we can bill; the proxy decides if it is fatal
 
-    def _observe_chunk(self, obj: dict[str, Any]) -> None:
+    def _observe_chunk(self, obj: dict[str, Any], pieces: bool = True) -> None:
         choices = obj.get("choices")
         if choices:
             for choice in choices:
                 delta = choice.get("delta")
-                if delta:
+                if delta and pieces:
                     self._observe_openai_delta(delta)
                 reason = choice.get("finish_reason")
                 if reason:
@@ -190,21 +202,19 @@ class UsageTracker:
 
     # ---- Anthropic ----------------------------------------------------------------------------
 
-    def observe_event(self, event_type: str | None, obj: dict[str, Any]) -> None:
-        """One Anthropic SSE event; ``event_type`` is its ``event:`` line (``obj["type"]`` if None)."""
+    def observe_event(self, event_type: str | None, obj: dict[str, Any], *, pieces: bool = True) -> None:
+        """One Anthropic SSE event; ``event_type`` is its ``event:`` line (``obj["type"]`` if None);
+        ``pieces=False``: its text is handed to ``defer`` instead."""
         try:
-            self._observe_event(event_type, obj)
+            self._observe_event(event_type, obj, pieces)
         except (AttributeError, TypeError):
             pass  # as in observe_chunk
 
-    def _observe_event(self, event_type: str | None, obj: dict[str, Any]) -> None:
+    def _observe_event(self, event_type: str | None, obj: dict[str, Any], pieces: bool = True) -> None:
         kind = event_type or obj.get("type")
-        if kind == "content_block_delta":
-            delta = obj.get("delta")
-            if delta:
-                text = delta.get("text") or delta.get("partial_json") or delta.get("thinking")
-                if text:
-                    self._pieces.append(text)
+        if kind == "content_block_delta" or kind == "content_block_start":
+            if pieces:
+                self._anthropic_pieces(kind, obj)
         elif kind == "message_delta":
             delta = obj.get("delta")
             if delta and delta.get("stop_reason"):
@@ -212,12 +222,6 @@ class UsageTracker:
             raw = obj.get("usage")
             if raw:
                 self._observe_anthropic_usage(raw, final=True)
-        elif kind == "content_block_start":
-            block = obj.get("content_block")
-            if block:
-                text = block.get("text") or block.get("name") or block.get("thinking")
-                if text:
-                    self._pieces.append(text)
         elif kind == "message_start":
             message = obj.get("message")
             raw = message.get("usage") if message else None
@@ -247,6 +251,54 @@ class UsageTracker:
         self._usage = usage
         if final:
             self._final = True
+
+    # ---- deferred text (passthrough) ----------------------------------------------------------
+
+    def defer(self, data: bytes) -> None:
+        """A passthrough event's ``data:`` bytes, for its output text: parsed only if the text is
+        ever needed (no usage report, a progress note), or once DEFER_LIMIT bytes wait, in order."""
+        self._deferred.append(data)
+        self._deferred_bytes += len(data)
+        if self._deferred_bytes > DEFER_LIMIT:
+            self._read_deferred()
+
+    def _read_deferred(self) -> None:
+        deferred = self._deferred
+        if not deferred:
+            return
+        self._deferred = []
+        self._deferred_bytes = 0
+        for data in deferred:
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            try:
+                if self.fmt == "openai":
+                    for choice in obj.get("choices") or ():
+                        delta = choice.get("delta")
+                        if delta:
+                            self._observe_openai_delta(delta)
+                else:
+                    self._anthropic_pieces(obj.get("type"), obj)
+            except (AttributeError, TypeError):
+                continue
+
+    def _anthropic_pieces(self, kind: Any, obj: dict[str, Any]) -> None:
+        if kind == "content_block_delta":
+            delta = obj.get("delta")
+            if delta:
+                text = delta.get("text") or delta.get("partial_json") or delta.get("thinking")
+                if text:
+                    self._pieces.append(text)
+        elif kind == "content_block_start":
+            block = obj.get("content_block")
+            if block:
+                text = block.get("text") or block.get("name") or block.get("thinking")
+                if text:
+                    self._pieces.append(text)
 
     # ---- non-stream ---------------------------------------------------------------------------
 
@@ -288,9 +340,11 @@ class UsageTracker:
 
     def estimated_output_tokens(self) -> int:
         """Our count of the output seen; for the fallback path only (it tokenizes everything)."""
+        self._read_deferred()
         return tokens.count_text("".join(self._pieces))
 
     async def estimated_output_tokens_async(self) -> int:
+        self._read_deferred()
         return await tokens.count_text_async("".join(self._pieces))
 
     def result(self, prompt_estimate: int) -> UsageResult:
@@ -317,6 +371,7 @@ class UsageTracker:
     def pieces_after(self, start: int) -> tuple[str, int]:
         """The output text after the first `start` pieces, and how many pieces there are now: lets a
         progress note count only what is new since the last one (never logged, never stored)."""
+        self._read_deferred()
         return "".join(self._pieces[start:]), len(self._pieces)
 
     def result_given(self, prompt_estimate: int, output_estimate: int) -> UsageResult:

@@ -333,3 +333,74 @@ def test_charge_is_the_exact_ceiling(
     charged = charge_micro(usage, hit=p_hit, miss=p_miss, out=p_out, write=p_write)
     assert isinstance(charged, int)
     assert charged == math.ceil(exact)
+
+
+# ---- the passthrough's deferred parsing -------------------------------------------------------
+
+
+async def _track_as_passthrough(fake: FakeUpstream, api: str, body: dict[str, Any]) -> tuple[UsageTracker, int]:
+    """As gateway.relay._passthrough reads a stream: every event deferred, only those that may
+    carry usage, an error or the end parsed as they pass. Returns the tracker and how many were."""
+    from gateway.relay import _carries_billing
+
+    fmt: Literal["openai", "anthropic"] = "anthropic" if api == "anthropic" else "openai"
+    tracker = UsageTracker(fmt)
+    parsed = 0
+    path = "/v1/messages" if fmt == "anthropic" else "/v1/chat/completions"
+    async with aiohttp.ClientSession() as session, session.post(fake.url + path, json=body) as resp:
+        parser = SSEParser()
+        try:
+            async for piece in resp.content.iter_any():
+                for event in parser.feed(piece):
+                    if event.data == b"[DONE]":
+                        continue
+                    tracker.defer(event.data)
+                    if _carries_billing(fmt == "openai", event.event, event.data):
+                        parsed += 1
+                        if fmt == "anthropic":
+                            tracker.observe_event(event.event, orjson.loads(event.data), pieces=False)
+                        else:
+                            tracker.observe_chunk(orjson.loads(event.data), pieces=False)
+        except aiohttp.ClientPayloadError:
+            pass
+    return tracker, parsed
+
+
+@pytest.mark.parametrize("api", ["openai", "deepseek", "anthropic"])
+@pytest.mark.parametrize("end", ["whole", "cut", "error"])
+@pytest.mark.parametrize("usage", [True, False])
+async def test_deferred_parsing_bills_what_parsing_every_event_bills(
+    fake_upstream: FakeUpstream, api: str, end: str, usage: bool
+) -> None:
+    # ~400 text frames: past DEFER_LIMIT, so deferred text is also read while the stream goes on.
+    script = replace(
+        RICH, flavour="deepseek" if api == "deepseek" else "openai", text="word " * 3000, text_chunks=400
+    )
+    if end == "cut":
+        script = replace(script, die_after=200)
+    elif end == "error":
+        script = replace(script, error_after=200)
+    if not usage:
+        script = replace(script, usage=None)
+    fake_upstream.script = script
+    body = {**(ANTHROPIC_BODY if api == "anthropic" else OPENAI_BODY), "stream": True}
+    if api != "anthropic":
+        body["stream_options"] = {"include_usage": True}
+    every = await _track(fake_upstream, api, body)
+    fake_upstream.script = script
+    deferred, parsed = await _track_as_passthrough(fake_upstream, api, body)
+    assert deferred.result(1234) == every.result(1234)
+    assert deferred.complete == every.complete and deferred.error_type == every.error_type
+    assert deferred.pieces_after(0) == every.pieces_after(0)  # the same text, in the same order
+    assert parsed <= 10  # the message and block starts, the usage, the end: never the ~400 text deltas
+
+
+def test_deferred_text_is_bounded_in_memory() -> None:
+    from gateway.usage import DEFER_LIMIT
+
+    tracker = UsageTracker("openai")
+    chunk = orjson.dumps({"choices": [{"index": 0, "delta": {"content": "x" * 100}}]})
+    for _ in range(2000):
+        tracker.defer(chunk)
+        assert tracker._deferred_bytes <= DEFER_LIMIT
+    assert tracker.estimated_output_tokens() == tokens.count_text("x" * 100 * 2000)
