@@ -29,14 +29,17 @@ import secrets
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from . import tokens
+from .clientbody import ClientBody
 
 __all__ = [
     "CACHE_MIN_UNIT_BYTES",
     "PromptEstimate",
     "TokenCountCache",
+    "estimate_body",
     "estimate_prompt",
     "raw_bound",
     "utf8_len",
@@ -139,11 +142,11 @@ class PromptEstimate:
         cache: TokenCountCache,
         *,
         collected: tuple[int, list[str], list[int]] | None = None,
-        body: dict[str, Any] | None = None,
+        body: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
         fmt: str = "openai",
     ) -> None:
         # Either the parts already collected (``collected``) or the body to collect them from when
-        # the exact count is asked for.
+        # the exact count is asked for (or a function parsing it then: a summarised client body).
         self.bound = bound
         self._size = bound  # how large the text is, near enough to choose the loop or a thread
         self._cache = cache
@@ -161,7 +164,8 @@ class PromptEstimate:
         if isinstance(self._exact, int):
             return self._exact
         if self._body is not None:
-            self._overhead, self._parts, self._cuts = tokens.collect_request(self._body, self._fmt)
+            body = self._body() if callable(self._body) else self._body
+            self._overhead, self._parts, self._cuts = tokens.collect_request(body, self._fmt)
             self._body = None
         parts, cuts, cache = self._parts, self._cuts, self._cache
         total = self._overhead
@@ -206,6 +210,15 @@ def estimate_prompt(
         return PromptEstimate(raw_bound(body, fmt, raw_bytes), cache, body=body, fmt=fmt)
     overhead, parts, cuts = tokens.collect_request(body, fmt)
     return PromptEstimate(overhead + sum(map(utf8_len, parts)), cache, collected=(overhead, parts, cuts))
+
+
+def estimate_body(body: ClientBody, fmt: str, cache: TokenCountCache | None = None) -> PromptEstimate:
+    """``estimate_prompt`` of a client's request as the proxy read it: a summarised body's bound
+    from its length and the fixed estimates read with it, its exact count parsing it whole then."""
+    if body.summarised:
+        bound = len(body.raw) + body.fixed_tokens
+        return PromptEstimate(bound, _default_cache if cache is None else cache, body=body.whole, fmt=fmt)
+    return estimate_prompt(body.head, fmt, cache, raw_bytes=len(body.raw))
 
 
 def raw_bound(body: dict[str, Any], fmt: str, raw_bytes: int) -> int:

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from . import errors as E
 
-__all__ = ["MAX_JSON_DEPTH", "check_depth", "read_json", "read_json_object"]
+__all__ = ["MAX_JSON_DEPTH", "check_depth", "read_json_object", "read_raw"]
 
 
 async def read_json_object(
@@ -17,32 +17,32 @@ async def read_json_object(
 ) -> dict[str, Any]:
     """The body as a dict. Empty: 400 when required, else {}. aiohttp enforces MAX_BODY_BYTES (413);
     ``max_bytes`` is a smaller cap of a route's own, checked before the body is read or parsed."""
-    _, body = await read_json(request, required=required, max_bytes=max_bytes)
-    check_depth(body)
-    return body
-
-
-async def read_json(
-    request: web.Request, *, required: bool = True, max_bytes: int | None = None
-) -> tuple[bytes, dict[str, Any]]:
-    """The body's bytes and its object, nesting not checked: for the proxy, which forwards a
-    same-format body without walking it and checks the nesting only of what it translates."""
-    if max_bytes is not None and (request.content_length or 0) > max_bytes:
-        raise E.PayloadTooLarge(f"Request body exceeds this route's {max_bytes} byte limit.")
-    raw = await request.read()
-    if max_bytes is not None and len(raw) > max_bytes:  # sent chunked, without a Content-Length
-        raise E.PayloadTooLarge(f"Request body exceeds this route's {max_bytes} byte limit.")
+    raw = await read_raw(request, required=required, max_bytes=max_bytes)
     if not raw:
-        if required:
-            raise E.BadRequest("Request body is empty; send a JSON object.")
-        return raw, {}
+        return {}
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise E.BadRequest("Request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise E.BadRequest("Request body must be a JSON object.")
-    return raw, body
+    check_depth(body)
+    return body
+
+
+async def read_raw(request: web.Request, *, required: bool = True, max_bytes: int | None = None) -> bytes:
+    """The body's bytes, within the size limits; empty: 400 when required."""
+    if max_bytes is not None and (request.content_length or 0) > max_bytes:
+        raise E.PayloadTooLarge(f"Request body exceeds this route's {max_bytes} byte limit.")
+    raw = await request.read()
+    if max_bytes is not None and len(raw) > max_bytes:  # sent chunked, without a Content-Length
+        raise E.PayloadTooLarge(f"Request body exceeds this route's {max_bytes} byte limit.")
+    if not raw and required:
+        raise E.BadRequest("Request body is empty; send a JSON object.")
+    return raw
+
+
+MAX_JSON_DEPTH = 64
 
 
 def check_depth(body: dict[str, Any]) -> None:
@@ -51,9 +51,6 @@ def check_depth(body: dict[str, Any]) -> None:
     container: ~0.15 ms for an agent's 250 KB body, so the proxy skips it for what it passes through."""
     if _too_deep(body):
         raise E.BadRequest(f"Request body is nested more than {MAX_JSON_DEPTH} levels deep.")
-
-
-MAX_JSON_DEPTH = 64
 
 
 def _too_deep(root: dict[str, Any]) -> bool:

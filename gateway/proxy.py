@@ -32,9 +32,10 @@ from ledger.spool import Spool, Spooled
 from . import errors as E
 from .appkeys import REQUEST_ID
 from .auth import REVOKED, KeyCache, authenticate_cached
+from .clientbody import ClientBody, parse_body
 from .exchange import Exchange, bill_for, bill_now
 from .formats import FORMATS, ClientFormat, Outgoing, ReplyContext
-from .jsonbody import check_depth, read_json
+from .jsonbody import check_depth, read_raw
 from .metrics import Metrics
 from .models import Model, Registry
 from .rawjson import patched
@@ -143,14 +144,15 @@ class Proxy:
 
     async def _handle(self, request: web.Request, client: ClientFormat) -> web.StreamResponse:
         key, key_hash = await authenticate_cached(request, self.ledger, self.key_cache)
-        raw, body = await read_json(request)
-        intake = client.intake(body)
+        raw = await read_raw(request)
+        body = parse_body(raw, lambda name: self._summary_plan(client, name))
+        intake = client.intake(body.head)
         model = self._model(intake.model_name)
         route = client.routes[model.provider.format]
         if not route.passthrough:
-            check_depth(body)  # translators recurse; a passthrough forwards the body unwalked
+            check_depth(body.head)  # translators recurse; a passthrough forwards the body unwalked
         request_id: str = request[REQUEST_ID]
-        prompt = client.estimate_input(body, len(raw))  # an upper bound now; exact only if needed
+        prompt = client.estimate_input(body)  # an upper bound now; exact only if needed
         requested_out = min(intake.requested_output or model.max_output_tokens, model.max_output_tokens)
         started_ms = self.ledger.now_ms()
         prices = model.prices_at(started_ms)  # a price window is chosen by the request's start
@@ -196,7 +198,7 @@ class Proxy:
         self.live[request_id] = key.account_id
         self.exchanges[request_id] = ex
         try:
-            return await self._forward(request, ex, raw, body)
+            return await self._forward(request, ex, body)
         except asyncio.CancelledError:
             ex.status = "shutdown" if self.shutting_down else "client_disconnect"
             raise
@@ -262,16 +264,27 @@ class Proxy:
             log.warning("release failed request_id=%s error=%s", request_id, type(exc).__name__)
 
     # ----- upstream -------------------------------------------------------------------------------
+    def _summary_plan(self, client: ClientFormat, name: Any) -> tuple[frozenset[str], str] | None:
+        """For gateway.clientbody: leave the big members unread when the request will go upstream in
+        the client's own format (a passthrough route), else parse it whole."""
+        if not client.big_members or not isinstance(name, str):
+            return None
+        model = self.registry.get(name)
+        route = client.routes.get(model.provider.format) if model is not None else None
+        if route is None or not route.passthrough:
+            return None
+        return client.big_members, client.count_format
+
     def _upstream_request(
-        self, request: web.Request, ex: Exchange, raw: bytes, body: dict[str, Any]
+        self, request: web.Request, ex: Exchange, body: ClientBody
     ) -> tuple[str, dict[str, str], bytes]:
         provider = ex.model.provider
         betas = request.headers.get("anthropic-beta", "") if ex.client.anthropic_headers else ""
         outgoing = Outgoing(
             model=ex.model, max_tokens=ex.max_tokens, names=ex.names, user_tag=self._user_tag(ex.key_id), betas=betas
         )
-        out = ex.route.request(body, outgoing)
-        ex.body, ex.route_state = body, outgoing.state
+        out = ex.route.request(body.head, outgoing)
+        ex.body, ex.route_state = body.head, outgoing.state
         if ex.upstream_fmt == "openai" and ex.stream:
             out["stream"] = True
             options = out.get("stream_options")
@@ -298,13 +311,11 @@ class Proxy:
             url = f"http://{host}:{port}/_demo/v1/chat/completions"
         # A passthrough's edit is shallow: the client's bytes go on when it changed nothing, or only
         # added members; otherwise (and always for a translation) the edited object is encoded.
-        payload = patched(raw, body, out) if ex.route.passthrough else orjson.dumps(out)
+        payload = patched(body, out) if ex.route.passthrough else orjson.dumps(out)
         return url, headers, payload
 
-    async def _forward(
-        self, request: web.Request, ex: Exchange, raw: bytes, body: dict[str, Any]
-    ) -> web.StreamResponse:
-        url, headers, payload = self._upstream_request(request, ex, raw, body)
+    async def _forward(self, request: web.Request, ex: Exchange, body: ClientBody) -> web.StreamResponse:
+        url, headers, payload = self._upstream_request(request, ex, body)
         provider = ex.model.provider
         if provider.api_key is None and not provider.internal:
             raise E.UpstreamError(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import simdjson
 import tiktoken
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "count_text",
     "count_text_async",
     "fixed_estimates",
+    "fixed_of_message",
+    "fixed_outside_messages",
     "is_loaded",
     "load_encoding",
     "require_loaded",
@@ -169,26 +172,35 @@ def _json_text(value: Any) -> str:
         return ""
 
 
+# The fixed-estimate walks also read a simdjson document (gateway.clientbody) before it is released.
+_LISTS = (list, simdjson.Array)
+_DICTS = (dict, simdjson.Object)
+
+
 def _openai_content(content: Any, parts: list[str]) -> int:
     if isinstance(content, str):
         parts.append(content)
         return 0
     overhead = 0
-    if isinstance(content, list):
+    if isinstance(content, _LISTS):
         for part in content:
-            if not isinstance(part, dict):
+            if not isinstance(part, _DICTS):
                 continue
             kind = part.get("type")
-            if kind == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
+            if kind == "text":
+                text = part.get("text")
+                if isinstance(text, str):
+                    parts.append(text)
             elif kind in ("image_url", "input_image"):
                 overhead += IMAGE_TOKENS_OPENAI
             elif kind in ("file", "input_file"):
                 overhead += DOCUMENT_TOKENS_ESTIMATE
             elif kind == "input_audio":
                 overhead += DOCUMENT_TOKENS_ESTIMATE
-            elif kind == "refusal" and isinstance(part.get("refusal"), str):
-                parts.append(part["refusal"])
+            elif kind == "refusal":
+                refusal = part.get("refusal")
+                if isinstance(refusal, str):
+                    parts.append(refusal)
     return overhead
 
 
@@ -298,33 +310,23 @@ def _collect_anthropic(body: dict[str, Any], parts: list[str], cuts: list[int]) 
     return overhead
 
 
-def _openai_fixed(body: dict[str, Any]) -> int:
-    total = 0
-    messages = body.get("messages")
-    for message in messages if isinstance(messages, list) else ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            total += _openai_content(content, [])
-    return total
-
-
 def _anthropic_fixed(content: Any, depth: int = 0) -> int:
     # _anthropic_blocks' overhead without collecting text: images, documents counted at their fixed
     # estimates, nested content followed (text parts add nothing here).
-    if depth > _MAX_BLOCK_NESTING or not isinstance(content, list):
+    if depth > _MAX_BLOCK_NESTING or not isinstance(content, _LISTS):
         return 0
     total = 0
     for block in content:
-        if not isinstance(block, dict):
+        if not isinstance(block, _DICTS):
             continue
         kind = block.get("type")
         if kind == "image":
             total += IMAGE_TOKENS_ANTHROPIC
         elif kind == "document":
             source = block.get("source")
-            if isinstance(source, dict) and source.get("type") == "text" and isinstance(source.get("data"), str):
+            if isinstance(source, _DICTS) and source.get("type") == "text" and isinstance(source.get("data"), str):
                 continue
-            if isinstance(source, dict) and source.get("type") == "content":
+            if isinstance(source, _DICTS) and source.get("type") == "content":
                 total += _anthropic_fixed(source.get("content"), depth + 1)
             else:
                 total += DOCUMENT_TOKENS_ESTIMATE
@@ -333,16 +335,27 @@ def _anthropic_fixed(content: Any, depth: int = 0) -> int:
     return total
 
 
-def fixed_estimates(body: dict[str, Any], fmt: str) -> int:
+def fixed_of_message(message: Any, fmt: str) -> int:
+    """One message's images and documents at their fixed estimates (the rules of ``collect_request``);
+    ``message`` is a dict or a simdjson object. Walks only content lists, never text."""
+    content = message.get("content") if isinstance(message, _DICTS) else None
+    if fmt == "anthropic":
+        return _anthropic_fixed(content)
+    return _openai_content(content, []) if isinstance(content, _LISTS) else 0
+
+
+def fixed_outside_messages(body: Any, fmt: str) -> int:
+    """The same for the rest of a request (Anthropic's system blocks)."""
+    return _anthropic_fixed(body.get("system")) if fmt == "anthropic" else 0
+
+
+def fixed_estimates(body: Any, fmt: str) -> int:
     """The part of a request's estimate that is not text: its images and documents at their fixed
-    estimates (the same rules as ``collect_request``). Walks only content lists, never text."""
-    if fmt != "anthropic":
-        return _openai_fixed(body)
-    total = _anthropic_fixed(body.get("system"))
+    estimates. ``body`` is a dict or a simdjson object."""
+    total = fixed_outside_messages(body, fmt)
     messages = body.get("messages")
-    for message in messages if isinstance(messages, list) else ():
-        if isinstance(message, dict):
-            total += _anthropic_fixed(message.get("content"))
+    for message in messages if isinstance(messages, _LISTS) else ():
+        total += fixed_of_message(message, fmt)
     return total
 
 

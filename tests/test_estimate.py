@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gateway import tokens
-from gateway.estimate import CACHE_MIN_UNIT_BYTES, TokenCountCache, estimate_prompt, utf8_len
+from gateway.clientbody import parse_body
+from gateway.estimate import CACHE_MIN_UNIT_BYTES, TokenCountCache, estimate_body, estimate_prompt, utf8_len
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 REPO = Path(__file__).resolve().parent.parent
@@ -180,6 +181,24 @@ async def test_anthropic_bound_from_the_json_text_is_never_below_the_exact_count
     raw, parsed = _written(body, write)
     prompt = estimate_prompt(parsed, "anthropic", TokenCountCache(), raw_bytes=len(raw))
     exact = tokens.count_anthropic_request(parsed)
+    assert prompt.bound >= exact
+    assert await prompt.exact() == exact
+
+
+@SETTINGS
+@given(st.one_of(openai_bodies.map(lambda b: (b, "openai")), anthropic_bodies.map(lambda b: (b, "anthropic"))), _writers)
+async def test_a_summarised_body_bounds_and_counts_as_the_whole_one(case: Any, write: Any) -> None:
+    # The proxy's read of a same-format request (gateway.clientbody): the bound from the text's
+    # length and the images and documents read from simdjson's tape, the exact count from the
+    # whole object parsed on demand; the same numbers as for the dict.
+    body, fmt = case
+    raw, parsed = _written(body, write)
+    big = frozenset(("messages", "system", "tools"))
+    read = parse_body(raw, lambda model: (big, fmt))
+    prompt = estimate_body(read, fmt, TokenCountCache())
+    exact = tokens.count_anthropic_request(parsed) if fmt == "anthropic" else tokens.count_openai_request(parsed)
+    if read.summarised:
+        assert prompt.bound == estimate_prompt(parsed, fmt, raw_bytes=len(raw)).bound
     assert prompt.bound >= exact
     assert await prompt.exact() == exact
 

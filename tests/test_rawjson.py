@@ -10,6 +10,7 @@ import orjson
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from gateway.clientbody import ClientBody, parse_body
 from gateway.rawjson import patched
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -36,6 +37,15 @@ edits = st.lists(
 )
 
 
+BIG = frozenset(("messages", "a"))
+reads = st.sampled_from(["whole", "summarised"])
+
+
+def _read(raw: bytes, how: str) -> ClientBody:
+    # As the proxy reads a body: whole (a translated route), or with its big members left unread.
+    return parse_body(raw, (lambda model: None) if how == "whole" else (lambda model: (BIG, "openai")))
+
+
 def _apply(before: dict[str, Any], ops: list[tuple[str, str, Any]]) -> dict[str, Any]:
     after = dict(before)  # shallow, as a passthrough route edits
     for op, key, value in ops:
@@ -47,23 +57,25 @@ def _apply(before: dict[str, Any], ops: list[tuple[str, str, Any]]) -> dict[str,
 
 
 @SETTINGS
-@given(objects, encoders, edits)
-def test_the_result_is_always_the_edited_object(obj: dict[str, Any], encode: Any, ops: list[Any]) -> None:
+@given(objects, encoders, edits, reads)
+def test_the_result_is_always_the_edited_object(obj: dict[str, Any], encode: Any, ops: list[Any], how: str) -> None:
     raw = encode(obj)
-    before = orjson.loads(raw)
-    after = _apply(before, ops)
-    assert orjson.loads(patched(raw, before, after)) == after
+    body = _read(raw, how)
+    assert body.summarised == (how == "summarised")
+    # The route edits what it was given (a summarised head); what goes upstream is that edit of the
+    # whole object, summaries never.
+    out = patched(body, _apply(body.head, ops))
+    assert orjson.loads(out) == _apply(orjson.loads(raw), ops)
 
 
 @SETTINGS
-@given(objects, encoders, st.dictionaries(st.sampled_from(["max_tokens", "stream_options", "new"]), values, max_size=3))
-def test_added_members_keep_the_clients_bytes(obj: dict[str, Any], encode: Any, added: dict[str, Any]) -> None:
+@given(objects, encoders, st.dictionaries(st.sampled_from(["max_tokens", "stream_options", "new"]), values, max_size=3), reads)
+def test_added_members_keep_the_clients_bytes(obj: dict[str, Any], encode: Any, added: dict[str, Any], how: str) -> None:
     raw = encode(obj)
-    before = orjson.loads(raw)
-    assume(not set(added) & set(before))
-    after = {**before, **added}
-    out = patched(raw, before, after)
-    assert orjson.loads(out) == after
+    body = _read(raw, how)
+    assume(not set(added) & set(body.head))
+    out = patched(body, {**body.head, **added})
+    assert orjson.loads(out) == {**orjson.loads(raw), **added}
     # Everything the client wrote is there, untouched, after the new members.
     opening = raw.index(b"{")
     assert out[: opening + 1] == raw[: opening + 1]
@@ -71,21 +83,87 @@ def test_added_members_keep_the_clients_bytes(obj: dict[str, Any], encode: Any, 
 
 
 @SETTINGS
-@given(objects, encoders)
-def test_an_unchanged_body_is_the_clients_bytes(obj: dict[str, Any], encode: Any) -> None:
+@given(objects, encoders, reads)
+def test_an_unchanged_body_is_the_clients_bytes(obj: dict[str, Any], encode: Any, how: str) -> None:
     raw = encode(obj)
-    before = orjson.loads(raw)
-    after = dict(before)
-    for key, value in before.items():
+    body = _read(raw, how)
+    after = dict(body.head)
+    for key, value in body.head.items():
         if not isinstance(value, list):
             after[key] = orjson.loads(orjson.dumps(value))  # equal, not the same object: still unchanged
-    assert patched(raw, before, after) is raw
+    assert patched(body, after) is raw
 
 
 def test_a_replaced_member_is_encoded_whole_even_when_a_duplicate_hides_in_the_text() -> None:
     # An upstream reading the first of two max_tokens would overrun the hold: a replaced member is
     # never spliced in place, the parsed (deduplicated) object is encoded.
     raw = b'{"max_tokens":100000,"model":"m","max_tokens":10}'
-    before = orjson.loads(raw)
-    out = patched(raw, before, {**before, "model": "up"})
+    body = _read(raw, "whole")
+    out = patched(body, {**body.head, "model": "up"})
     assert out == b'{"max_tokens":10,"model":"up"}'
+
+
+def test_a_key_written_twice_is_read_whole_and_sent_once() -> None:
+    # Even unchanged: an upstream reading the first of two max_tokens would overrun the hold made
+    # for the last. Never summarised, never forwarded as written.
+    raw = b'{"max_tokens":100000,"model":"m","messages":[],"max_tokens":10}'
+    body = _read(raw, "summarised")
+    assert not body.summarised and body.head["max_tokens"] == 10
+    assert patched(body, dict(body.head)) is not raw
+    assert orjson.loads(patched(body, dict(body.head))) == {"max_tokens": 10, "model": "m", "messages": []}
+
+
+def test_a_summary_holds_only_what_validation_reads() -> None:
+    raw = orjson.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "secret"}, 5, {"role": 3}], "a": "long text", "n": 1}
+    )
+    body = _read(raw, "summarised")
+    assert body.summarised
+    assert body.head == {"model": "m", "messages": [{"role": "user"}, None, {"role": None}], "a": None, "n": 1}
+    assert body.whole()["messages"][0]["content"] == "secret"
+
+
+def test_what_simdjson_refuses_is_read_by_orjson_with_the_same_answers() -> None:
+    import pytest
+
+    from gateway import errors as E
+
+    big = b'{"model":"m","messages":[],"x":123456789012345678901234567890}'  # past 64 bits: a float to orjson
+    body = _read(big, "summarised")
+    assert not body.summarised and body.head["x"] == 1.2345678901234568e29
+    for raw, message in ((b"{", "not valid JSON"), (b"[1]", "must be a JSON object"), (b'{"a":"\\ud800"}', "not valid JSON")):
+        with pytest.raises(E.BadRequest, match=message):
+            _read(raw, "summarised")
+
+
+def _claude_code_body() -> dict[str, Any]:
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "translate" / "claude_code_request_default_model.json"
+    body = orjson.loads(fixture.read_bytes())
+    return body.get("request", body) if isinstance(body.get("request"), dict) else body
+
+
+def test_a_claude_code_request_keeps_its_own_bytes_but_for_the_members_rewritten() -> None:
+    # What the Anthropic passthrough does to every Claude Code request: the model's upstream name,
+    # the cap the hold allows, metadata.user_id replaced by our tag. Claude Code's Task tool has a
+    # "model" property of its own (a nested look-alike of the top-level key).
+    whole = _claude_code_body()
+    assert orjson.dumps(whole).count(b'"model"') >= 2
+    for raw in (orjson.dumps(whole), json.dumps(whole, indent=2).encode()):
+        body = parse_body(raw, lambda model: (frozenset(("messages", "system", "tools")), "anthropic"))
+        assert body.summarised and body.verbatim
+        after = {**body.head, "model": "deepseek-v4", "max_tokens": 1000, "metadata": {"user_id": "cp_tag"}}
+        out = patched(body, after)
+        assert orjson.loads(out) == {**whole, "model": "deepseek-v4", "max_tokens": 1000, "metadata": {"user_id": "cp_tag"}}
+        assert abs(len(out) - len(raw)) < 200  # spliced, not re-encoded (the indented text stays indented)
+        if raw.startswith(b'{"model"'):
+            for name in ("messages", "system", "tools"):
+                assert orjson.dumps(whole[name]) in out  # the conversation, byte for byte
+
+
+def test_nested_look_alikes_before_the_member_are_passed_over() -> None:
+    raw = b'{"tools":[{"name":"t","input_schema":{"properties":{"model":{"type":"string"}}}}],"x":{"model":"m"},"model":"m","messages":[]}'
+    body = parse_body(raw, lambda model: (frozenset(("messages", "tools")), "anthropic"))
+    out = patched(body, {**body.head, "model": "up"})
+    assert out == raw.replace(b'"model":"m","messages"', b'"model":"up","messages"')

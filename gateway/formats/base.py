@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .. import errors as E
+from ..clientbody import ClientBody
 from ..estimate import PromptEstimate
 from ..models import Capabilities, Model
 from ..translate import ToolNameMap
@@ -133,9 +134,12 @@ class ClientFormat:
     name: str
     error_format: str  # "openai" or "anthropic": how errors and in-stream failures are written
     intake: Callable[[dict[str, Any]], Intake]
-    # Cheap: a bound, exact on demand; gets the body and the length of the JSON text it came from.
-    estimate_input: Callable[[dict[str, Any], int], PromptEstimate]
+    estimate_input: Callable[[ClientBody], PromptEstimate]  # cheap: a bound, exact on demand
     routes: dict[str, Route]
+    # What a passthrough forwards without reading (gateway.clientbody): the big members, only
+    # summarised for validation; empty: the body is always parsed whole.
+    big_members: frozenset[str] = frozenset()
+    count_format: str = "openai"  # the token-count rules of its bodies (gateway.tokens)
     # The client speaks Anthropic's protocol: its anthropic-beta header goes on to Anthropic upstreams.
     anthropic_headers: bool = False
 

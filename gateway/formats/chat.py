@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import errors as E
-from ..estimate import estimate_prompt
+from ..estimate import estimate_body
 from ..translate import (
     AnthropicToOpenAIStream,
     anthropic_error_to_openai,
@@ -64,7 +64,9 @@ OPENAI = ClientFormat(
     name="openai",
     error_format="openai",
     intake=openai_intake,
-    estimate_input=lambda body, size: estimate_prompt(body, "openai", raw_bytes=size),
+    estimate_input=lambda body: estimate_body(body, "openai"),
+    big_members=frozenset(("messages", "tools", "functions")),
+    count_format="openai",
     routes={
         "openai": Route(request=_openai_passthrough),
         "anthropic": Route(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..estimate import estimate_prompt
+from ..estimate import estimate_body
 from ..translate import (
     OpenAIToAnthropicStream,
     anthropic_to_openai_request,
@@ -76,7 +76,9 @@ ANTHROPIC = ClientFormat(
     error_format="anthropic",
     anthropic_headers=True,
     intake=anthropic_intake,
-    estimate_input=lambda body, size: estimate_prompt(body, "anthropic", raw_bytes=size),
+    estimate_input=lambda body: estimate_body(body, "anthropic"),
+    big_members=frozenset(("messages", "system", "tools")),
+    count_format="anthropic",
     routes={
         "anthropic": Route(request=_anthropic_passthrough),
         "openai": Route(

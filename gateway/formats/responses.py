@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..clientbody import ClientBody
 from ..estimate import PromptEstimate, estimate_prompt
 from ..translate import (
     AnthropicToResponsesStream,
@@ -43,10 +44,11 @@ def responses_intake(body: dict[str, Any]) -> Intake:
     return Intake(model_name, stream, True, asked)
 
 
-def _estimate(body: dict[str, Any], size: int) -> PromptEstimate:
-    # Estimated on the Chat form (its text, not the size of the Responses body); a request the gateway cannot serve (stateful fields, malformed
+def _estimate(client_body: ClientBody) -> PromptEstimate:
+    # Always parsed whole (no big members to leave unread: every route translates). Estimated on
+    # the Chat form; a request the gateway cannot serve (stateful fields, malformed
     # items) is refused here, a 400 before anything is held.
-    chat, _ = responses_to_chat_request(body, upstream_model="", max_tokens=1)
+    chat, _ = responses_to_chat_request(client_body.head, upstream_model="", max_tokens=1)
     return estimate_prompt(chat, "openai")
 
 
