@@ -15,13 +15,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from .sse import DONE, SSEParser, format_json_event
+from .sse import DONE, SSEEvent, SSEParser, format_json_event
 
 if TYPE_CHECKING:
     from .exchange import Exchange
     from .formats import StreamTranslator
 
-__all__ = ["SSE_HEADERS", "echo_model", "relay_stream"]
+__all__ = ["SSE_HEADERS", "BillingEvents", "echo_model", "relay_stream"]
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -104,41 +104,81 @@ def _has_member(data: bytes, token: bytes, *, null_counts: bool) -> bool:
     return False
 
 
-# Anthropic events that carry only output text (or nothing): their text is deferred, not parsed.
-_TEXT_ONLY_EVENTS = frozenset(("content_block_delta", "content_block_stop", "ping"))
+# Anthropic events that carry only output text (or nothing): the relay does not parse them.
+_TEXT_ONLY_EVENTS = frozenset(("content_block_delta", "content_block_start", "content_block_stop", "ping"))
 
 
 def _carries_billing(openai: bool, event: str | None, data: bytes) -> bool:
     """Whether a passthrough event may carry usage, an error or the end: only those are parsed as
-    they pass; the text of the others waits unparsed (UsageTracker.defer) and is read only if needed."""
+    they pass; the text of every event is read later only if needed (UsageTracker.defer)."""
     if openai:
         return _has_member(data, b'"usage"', null_counts=False) or _has_member(data, b'"error"', null_counts=True)
     return event is None or event not in _TEXT_ONLY_EVENTS
 
 
+def _may_carry_billing(openai: bool, data: bytes) -> bool:
+    """Whether bytes of a passthrough stream (whole events, or the start of one) may hold an event
+    ``_carries_billing`` would parse; False is certain, True means look closer."""
+    if openai:
+        return b"[DONE]" in data or _has_member(data, b'"usage"', null_counts=False) or b'"error"' in data
+    # Anthropic: message_start / _delta / _stop, error; an event without an ``event:`` line (more
+    # data lines than event lines: a JSON string holds no raw newline, so neither can be faked);
+    # a carriage return, where lines may end without one: look closer.
+    if b"message_" in data or b"error" in data or b"\r" in data:
+        return True
+    data_lines = data.count(b"\ndata:") + data.startswith(b"data:")
+    event_lines = data.count(b"\nevent:") + data.startswith(b"event:")
+    return data_lines > event_lines
+
+
+def _clean_end(data: bytes) -> bool:
+    return data.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+
+
+class BillingEvents:
+    """A passthrough stream's events that may carry usage, an error or its end (``[DONE]`` included),
+    found without splitting the rest into events: bytes with none of their marks are only kept
+    until the next event boundary. Their text is the tracker's, read only if ever needed."""
+
+    __slots__ = ("_openai", "_parser", "_unread")
+
+    def __init__(self, openai: bool) -> None:
+        self._openai = openai
+        self._parser = SSEParser()
+        self._unread = b""  # bytes since the last event boundary, not given to the parser
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        data = self._unread + chunk if self._unread else chunk
+        if self._parser.idle and not _may_carry_billing(self._openai, data):
+            self._unread = b"" if _clean_end(data) else data
+            return []
+        self._unread = b""
+        openai = self._openai
+        return [ev for ev in self._parser.feed(data) if ev.data == DONE or _carries_billing(openai, ev.event, ev.data)]
+
+
 async def _passthrough(ex: Exchange, up: aiohttp.ClientResponse, resp: web.StreamResponse) -> None:
-    parser = SSEParser()
     openai = ex.upstream_fmt == "openai"
     tracker = ex.tracker
     up_name, client_name = ex.model.upstream_model, ex.client_model
     # An OpenAI client that did not ask for usage must not get the extra usage-only chunk we asked
     # for: then events are re-framed one by one (still without re-encoding their JSON).
     filtering = openai and not ex.include_usage
+    events_of = SSEParser().feed if filtering else BillingEvents(openai).feed
     saw_end = False
     try:
         async for chunk in up.content.iter_any():
-            events = parser.feed(chunk)
+            tracker.defer(chunk)  # the text, read only if ever needed
             if not filtering:
                 await resp.write(echo_model(chunk, up_name, client_name))
                 ex.produced = True
-            for ev in events:
+            for ev in events_of(chunk):
                 data = ev.data
                 if data == DONE:
                     saw_end = True
                     if filtering:
                         await resp.write(b"data: [DONE]\n\n")
                     continue
-                tracker.defer(data)  # its text, read only if ever needed
                 if _carries_billing(openai, ev.event, data):
                     try:
                         obj = orjson.loads(data)

@@ -34,7 +34,11 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         buf = self._buf + chunk if self._buf else chunk
+        held = b""
         if b"\r" in buf:
+            if buf.endswith(b"\r"):
+                # Maybe the first half of a CRLF cut between two chunks: wait for the next byte.
+                buf, held = buf[:-1], b"\r"
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         out: list[SSEEvent] = []
         start = 0
@@ -59,8 +63,13 @@ class SSEParser:
                 self._data.append(value)
             elif field == b"event":
                 self._event = value.decode("utf-8", "replace")
-        self._buf = buf[start:]
+        self._buf = buf[start:] + held
         return out
+
+    @property
+    def idle(self) -> bool:
+        """Between events: nothing of a next one read yet."""
+        return not self._buf and not self._data and self._event is None
 
     def close(self) -> list[SSEEvent]:
         """Flush an event left without its blank line when the stream ends."""

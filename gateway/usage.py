@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple
 import orjson
 
 from gateway import tokens
+from gateway.sse import DONE, SSEParser
 
 __all__ = ["DEFER_LIMIT", "Usage", "UsageResult", "UsageTracker", "charge_micro"]
 
@@ -95,8 +96,8 @@ def _openai_usage(raw: dict[str, Any]) -> Usage | None:
     return Usage(input_cache_hit=hit, input_cache_miss=miss, output=output)
 
 
-# Bytes of passthrough events a stream keeps unparsed at most (a few hundred chunks): bounds the
-# memory of a long stream's text kept as JSON rather than as text.
+# Bytes of a passthrough stream kept unparsed at most (a few hundred chunks): bounds the memory of a
+# long stream's text kept as SSE and JSON rather than as text.
 DEFER_LIMIT = 32 * 1024
 
 
@@ -109,6 +110,7 @@ class UsageTracker:
         "_deferred_bytes",
         "_final",
         "_pieces",
+        "_text_events",
         "_usage",
         "error_type",
         "finish_reason",
@@ -127,6 +129,7 @@ class UsageTracker:
         # for a progress note): parsed in order when it is, or once they pass DEFER_LIMIT bytes.
         self._deferred: list[bytes] = []
         self._deferred_bytes = 0
+        self._text_events: SSEParser | None = None  # splits the deferred bytes into events
         self.finish_reason: str | None = None  # OpenAI upstream
         self.stop_reason: str | None = None  # Anthropic upstream
         self.error_type: str | None = None  # an in-stream error's type (never its message)
@@ -254,11 +257,12 @@ class UsageTracker:
 
     # ---- deferred text (passthrough) ----------------------------------------------------------
 
-    def defer(self, data: bytes) -> None:
-        """A passthrough event's ``data:`` bytes, for its output text: parsed only if the text is
-        ever needed (no usage report, a progress note), or once DEFER_LIMIT bytes wait, in order."""
-        self._deferred.append(data)
-        self._deferred_bytes += len(data)
+    def defer(self, chunk: bytes) -> None:
+        """Raw bytes of a passthrough stream, for its output text: split into events and parsed only
+        if the text is ever needed (no usage report, a progress note), or once DEFER_LIMIT bytes
+        wait, in order. Usage, errors and the end are read by the relay as they pass."""
+        self._deferred.append(chunk)
+        self._deferred_bytes += len(chunk)
         if self._deferred_bytes > DEFER_LIMIT:
             self._read_deferred()
 
@@ -268,23 +272,28 @@ class UsageTracker:
             return
         self._deferred = []
         self._deferred_bytes = 0
-        for data in deferred:
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(obj, dict):
-                continue
-            try:
-                if self.fmt == "openai":
-                    for choice in obj.get("choices") or ():
-                        delta = choice.get("delta")
-                        if delta:
-                            self._observe_openai_delta(delta)
-                else:
-                    self._anthropic_pieces(obj.get("type"), obj)
-            except (AttributeError, TypeError):
-                continue
+        if self._text_events is None:
+            self._text_events = SSEParser()
+        for chunk in deferred:
+            for event in self._text_events.feed(chunk):
+                if event.data == DONE:
+                    continue
+                try:
+                    obj = orjson.loads(event.data)
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                try:
+                    if self.fmt == "openai":
+                        for choice in obj.get("choices") or ():
+                            delta = choice.get("delta")
+                            if delta:
+                                self._observe_openai_delta(delta)
+                    else:
+                        self._anthropic_pieces(obj.get("type"), obj)
+                except (AttributeError, TypeError):
+                    continue
 
     def _anthropic_pieces(self, kind: Any, obj: dict[str, Any]) -> None:
         if kind == "content_block_delta":

@@ -338,31 +338,39 @@ def test_charge_is_the_exact_ceiling(
 # ---- the passthrough's deferred parsing -------------------------------------------------------
 
 
-async def _track_as_passthrough(fake: FakeUpstream, api: str, body: dict[str, Any]) -> tuple[UsageTracker, int]:
-    """As gateway.relay._passthrough reads a stream: every event deferred, only those that may
-    carry usage, an error or the end parsed as they pass. Returns the tracker and how many were."""
-    from gateway.relay import _carries_billing
+async def _track_as_passthrough(
+    fake: FakeUpstream, api: str, body: dict[str, Any], split: int = 0
+) -> tuple[UsageTracker, int]:
+    """As gateway.relay._passthrough reads a stream: every byte deferred for its text, only the
+    events BillingEvents finds parsed as they pass. ``split``: re-cut the bytes into pieces of that
+    size (an event split anywhere, marks included). Returns the tracker and how many were parsed."""
+    from gateway.relay import BillingEvents
 
     fmt: Literal["openai", "anthropic"] = "anthropic" if api == "anthropic" else "openai"
     tracker = UsageTracker(fmt)
+    billing = BillingEvents(fmt == "openai")
     parsed = 0
     path = "/v1/messages" if fmt == "anthropic" else "/v1/chat/completions"
     async with aiohttp.ClientSession() as session, session.post(fake.url + path, json=body) as resp:
-        parser = SSEParser()
+        pieces: list[bytes] = []
         try:
             async for piece in resp.content.iter_any():
-                for event in parser.feed(piece):
-                    if event.data == b"[DONE]":
-                        continue
-                    tracker.defer(event.data)
-                    if _carries_billing(fmt == "openai", event.event, event.data):
-                        parsed += 1
-                        if fmt == "anthropic":
-                            tracker.observe_event(event.event, orjson.loads(event.data), pieces=False)
-                        else:
-                            tracker.observe_chunk(orjson.loads(event.data), pieces=False)
+                pieces.append(piece)
         except aiohttp.ClientPayloadError:
             pass
+    if split:
+        whole = b"".join(pieces)
+        pieces = [whole[i : i + split] for i in range(0, len(whole), split)]
+    for piece in pieces:
+        tracker.defer(piece)
+        for event in billing.feed(piece):
+            if event.data == b"[DONE]":
+                continue
+            parsed += 1
+            if fmt == "anthropic":
+                tracker.observe_event(event.event, orjson.loads(event.data), pieces=False)
+            else:
+                tracker.observe_chunk(orjson.loads(event.data), pieces=False)
     return tracker, parsed
 
 
@@ -388,18 +396,20 @@ async def test_deferred_parsing_bills_what_parsing_every_event_bills(
         body["stream_options"] = {"include_usage": True}
     every = await _track(fake_upstream, api, body)
     fake_upstream.script = script
-    deferred, parsed = await _track_as_passthrough(fake_upstream, api, body)
-    assert deferred.result(1234) == every.result(1234)
-    assert deferred.complete == every.complete and deferred.error_type == every.error_type
-    assert deferred.pieces_after(0) == every.pieces_after(0)  # the same text, in the same order
-    assert parsed <= 10  # the message and block starts, the usage, the end: never the ~400 text deltas
+    for split in (0, 1, 7, 64):
+        fake_upstream.script = script
+        deferred, parsed = await _track_as_passthrough(fake_upstream, api, body, split)
+        assert deferred.result(1234) == every.result(1234), split
+        assert deferred.complete == every.complete and deferred.error_type == every.error_type
+        assert deferred.pieces_after(0) == every.pieces_after(0)  # the same text, in the same order
+        assert parsed <= 4  # the message start, the usage, the end, an error: never the ~400 text deltas
 
 
 def test_deferred_text_is_bounded_in_memory() -> None:
     from gateway.usage import DEFER_LIMIT
 
     tracker = UsageTracker("openai")
-    chunk = orjson.dumps({"choices": [{"index": 0, "delta": {"content": "x" * 100}}]})
+    chunk = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": "x" * 100}}]}) + b"\n\n"
     for _ in range(2000):
         tracker.defer(chunk)
         assert tracker._deferred_bytes <= DEFER_LIMIT
