@@ -91,7 +91,11 @@ def create_app(
         app[REDIS] = client
         keyspace = Keyspace(prefix=settings.ledger_prefix, shards=settings.ledger_shards)
         app[LEDGER] = Ledger(
-            client, keyspace, done_ttl_s=settings.ledger_done_ttl_s, **({"clock": clock} if clock else {})
+            client,
+            keyspace,
+            done_ttl_s=settings.ledger_done_ttl_s,
+            script_lane=True,
+            **({"clock": clock} if clock else {}),
         )
         app[AUTH_THROTTLE] = AuthThrottle(
             client,
@@ -150,6 +154,7 @@ def create_app(
                 worker_stop.set()
                 await worker_task
             app[STORE].close()
+            await app[LEDGER].aclose()
             if own_redis:
                 await client.aclose()
             if embedded is not None:

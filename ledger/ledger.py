@@ -169,6 +169,7 @@ class Ledger:
         *,
         clock: Callable[[], float] = time.time,
         done_ttl_s: int = DONE_TTL_S,
+        script_lane: bool = False,
     ) -> None:
         # Any: the client decodes responses to str, which redis-py's annotations cannot express.
         self.redis: Any = redis
@@ -176,7 +177,13 @@ class Ledger:
         self.clock = clock
         # How long a finished request's outcome (rd:*) answers a retried settle or reserve.
         self.done_ttl_s = done_ttl_s
-        self._scripts = Scripts(redis)
+        # script_lane: the scripts go down one pipelined connection first (ledger/scriptlane.py), for
+        # the web process's request path; then aclose() must be called.
+        self._scripts = Scripts(redis, lane=script_lane)
+
+    async def aclose(self) -> None:
+        """Close what the ledger opened itself (the script lane); the Redis client is the caller's."""
+        await self._scripts.aclose()
 
     async def load_scripts(self) -> None:
         await self._scripts.load()

@@ -12,9 +12,11 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
+from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from .redis_client import AnyRedis, BoundedCluster
+from .scriptlane import LaneUnavailable, ScriptLane
 
 __all__ = ["SCRIPT_NAMES", "Scripts", "script_source"]
 
@@ -41,9 +43,16 @@ def script_source(name: str) -> str:
 
 
 class Scripts:
-    def __init__(self, redis: AnyRedis) -> None:
+    def __init__(self, redis: AnyRedis, *, lane: bool = False) -> None:
         self._redis = redis
         self._scripts = {name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES}
+        # A plain Redis over a socket (not a cluster, not fakeredis, which subclasses Redis): the
+        # calls go down one pipelined connection first (ledger/scriptlane.py).
+        self.lane = ScriptLane(redis.connection_pool) if lane and type(redis) is Redis else None
+
+    async def aclose(self) -> None:
+        if self.lane is not None:
+            await self.lane.aclose()
 
     async def load(self) -> None:
         """SCRIPT LOAD every script up front, so the first calls need no NOSCRIPT round trip. On a
@@ -54,6 +63,11 @@ class Scripts:
 
     async def __call__(self, name: str, journal_key: str, *args: str | int) -> Any:
         argv = [str(a) for a in args]
+        if self.lane is not None:
+            try:
+                return await self.lane.evalsha(self._scripts[name].sha, journal_key, argv)
+            except LaneUnavailable:
+                pass  # redis-py answers: its reload on NOSCRIPT, its retries, its exceptions
         # AsyncScript reloads once on NOSCRIPT; a second flush racing that reload (a Redis restart,
         # an operator's SCRIPT FLUSH) gets one more try. The scripts are idempotent on their ids.
         for _ in range(2):

@@ -1,0 +1,246 @@
+"""EVALSHA on one pipelined connection: the ledger's scripts on the request path without redis-py's
+per-command machinery.
+
+Every request makes two script calls (reserve, settle). Through redis-py each costs ~80-90 us of CPU
+(connection pool, retry wrapper, timeouts, a reply parser reading line by line); here ~15 us: calls
+from every request share one connection, are written together once per loop iteration, and their
+replies are parsed from whole reads, in order.
+
+The connection is made by redis-py itself (``pool.make_connection()``: TLS, AUTH, HELLO, SELECT as the
+URL says), then only its streams are used. The lane is an optimisation, never a second behaviour:
+anything but a plain reply (a lost connection, an error reply, NOSCRIPT, a timeout) raises
+``LaneUnavailable`` and the caller runs the same call through redis-py, whose retries, reconnection
+and exceptions apply as before. The scripts are idempotent on their ids, so a call the lane may have
+sent before its connection broke is safe to send again (redis-py's own retry does the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from typing import Any
+
+__all__ = ["LaneUnavailable", "ScriptLane"]
+
+_CRLF = b"\r\n"
+
+
+class LaneUnavailable(Exception):
+    """The lane could not answer this call: run it through redis-py."""
+
+
+class _Incomplete(Exception):
+    pass
+
+
+class ScriptLane:
+    def __init__(self, pool: Any, *, timeout_s: float = 10.0) -> None:
+        self._pool = pool  # redis-py's connection pool: only its make_connection() is used
+        self._timeout_s = timeout_s
+        self._conn: Any = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Future[None] | None = None
+        # Calls written and not answered yet, in order: (future, monotonic time sent).
+        self._pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self._out: list[bytes] = []
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._retry_at = 0.0  # after a failed connect, calls go to redis-py until then
+
+    async def evalsha(self, sha: str, key: str, args: list[str]) -> Any:
+        if self._writer is None:
+            if time.monotonic() < self._retry_at:
+                raise LaneUnavailable("reconnecting later")
+            await self._connect()
+        writer = self._writer
+        if writer is None:
+            raise LaneUnavailable("not connected")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._out:
+            loop.call_soon(self._flush)
+        self._out.append(_pack(("EVALSHA", sha, "1", key, *args)))
+        self._pending.append((future, time.monotonic()))
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(1.0, self._watch)
+        return await future
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._fail(LaneUnavailable("closed"))
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader_task
+
+    # ----- connection ----------------------------------------------------------------------------
+    async def _connect(self) -> None:
+        if self._closed:
+            raise LaneUnavailable("closed")
+        if self._connecting is not None:
+            await asyncio.shield(self._connecting)
+            return
+        loop = asyncio.get_running_loop()
+        self._connecting = loop.create_future()
+        try:
+            conn = self._pool.make_connection()
+            await conn.connect()
+            reader, writer = conn._reader, conn._writer
+            if reader is None or writer is None:
+                raise LaneUnavailable("no streams")
+            self._conn, self._writer = conn, writer
+            self._reader_task = loop.create_task(self._read(reader))
+        except Exception as exc:
+            # Redis is not there: redis-py answers (its retries, its errors) for a second.
+            self._retry_at = time.monotonic() + 1.0
+            raise LaneUnavailable(type(exc).__name__) from None
+        finally:
+            self._connecting.set_result(None)
+            self._connecting = None
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._writer is None or not out:
+            return
+        try:
+            self._writer.write(b"".join(out))
+        except Exception:
+            self._broken(LaneUnavailable("write failed"))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        buf = b""
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    self._broken(LaneUnavailable("connection closed"))
+                    return
+                buf = buf + data if buf else data
+                pos = 0
+                while pos < len(buf):
+                    try:
+                        value, pos = _parse(buf, pos)
+                    except _Incomplete:
+                        break
+                    if isinstance(value, _Push):
+                        continue  # out of band (RESP3 push): not a reply to any call
+                    if not self._pending:
+                        self._broken(LaneUnavailable("unexpected reply"))
+                        return
+                    future, _ = self._pending.popleft()
+                    if future.done():
+                        continue  # its caller went away; the reply is consumed all the same
+                    if isinstance(value, _ErrorReply):
+                        future.set_exception(LaneUnavailable(value.message.split(" ", 1)[0]))
+                    else:
+                        future.set_result(value)
+                buf = buf[pos:]
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._broken(LaneUnavailable("read failed"))
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        if not self._pending:
+            return
+        if time.monotonic() - self._pending[0][1] > self._timeout_s:
+            self._broken(LaneUnavailable("timeout"))
+            return
+        self._watchdog = asyncio.get_running_loop().call_later(1.0, self._watch)
+
+    def _broken(self, exc: LaneUnavailable) -> None:
+        """Drop the connection; every call waiting on it is answered by redis-py instead."""
+        writer, self._writer = self._writer, None
+        conn, self._conn = self._conn, None
+        self._out = []
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+        if conn is not None:
+            conn._reader = conn._writer = None  # closed above; redis-py must not reuse them
+        task, self._reader_task = self._reader_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        self._fail(exc)
+
+    def _fail(self, exc: LaneUnavailable) -> None:
+        pending, self._pending = self._pending, collections.deque()
+        for future, _ in pending:
+            if not future.done():
+                future.set_exception(exc)
+
+
+def _pack(parts: tuple[str, ...]) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _Push:
+    __slots__ = ()
+
+
+class _ErrorReply:
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
+    """One RESP2/RESP3 reply at ``pos``: (value, position after it); strings decoded as UTF-8."""
+    end = buf.find(_CRLF, pos)
+    if end < 0:
+        raise _Incomplete
+    kind = buf[pos : pos + 1]
+    line = buf[pos + 1 : end]
+    pos = end + 2
+    if kind == b"$" or kind == b"=" or kind == b"!":  # bulk string, verbatim string, bulk error
+        size = int(line)
+        if size < 0:
+            return None, pos
+        if len(buf) < pos + size + 2:
+            raise _Incomplete
+        data = buf[pos : pos + size].decode("utf-8", "replace")
+        if kind == b"=":
+            data = data[4:]  # "txt:" prefix
+        value: Any = _ErrorReply(data) if kind == b"!" else data
+        return value, pos + size + 2
+    if kind == b"*" or kind == b"~" or kind == b">":  # array, set, push
+        count = int(line)
+        if count < 0:
+            return None, pos
+        items = []
+        for _ in range(count):
+            item, pos = _parse(buf, pos)
+            items.append(item)
+        return (_Push() if kind == b">" else items), pos
+    if kind == b":":
+        return int(line), pos
+    if kind == b"+":
+        return line.decode("utf-8", "replace"), pos
+    if kind == b"-":
+        return _ErrorReply(line.decode("utf-8", "replace")), pos
+    if kind == b"_":
+        return None, pos
+    if kind == b",":
+        return float(line), pos
+    if kind == b"#":
+        return line == b"t", pos
+    if kind == b"(":
+        return int(line), pos
+    if kind == b"%":  # map
+        count = int(line)
+        mapping = {}
+        for _ in range(count):
+            k, pos = _parse(buf, pos)
+            v, pos = _parse(buf, pos)
+            mapping[k] = v
+        return mapping, pos
+    raise ValueError("unknown RESP type")
