@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from .sse import DONE, SSEEvent, SSEParser, format_json_event
+from .sse import DONE, SSEEvent, SSEParser, event_of_block, format_json_event
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -131,14 +131,56 @@ def _may_carry_billing(openai: bool, data: bytes) -> bool:
     return data_lines > event_lines
 
 
-def _clean_end(data: bytes) -> bool:
-    return data.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+def _marks(whole: bytes, openai: bool) -> list[int] | None:
+    """Where in whole events (``\n`` line ends) an event may carry usage, an error or the end: the
+    positions of its marks; None: every event may (look at all)."""
+    found: list[int] = []
+    if openai:
+        for mark in (b"[DONE]", b'"error"'):
+            at = whole.find(mark)
+            while at >= 0:
+                found.append(at)
+                at = whole.find(mark, at + 1)
+        # OpenAI writes "usage":null on every chunk: look at each usage only when some is not that.
+        if whole.count(b'"usage"') != whole.count(b'"usage":null'):
+            at = whole.find(b'"usage"')
+            while at >= 0:
+                if _has_member(whole[at : whole.find(b"\n", at)], b'"usage"', null_counts=False):
+                    found.append(at)
+                at = whole.find(b'"usage"', at + 1)
+        return found
+    data_lines = whole.count(b"\ndata:") + whole.startswith(b"data:")
+    event_lines = whole.count(b"\nevent:") + whole.startswith(b"event:")
+    if data_lines > event_lines:
+        return None  # an event without its event: line
+    for mark in (b"message_", b"error"):
+        at = whole.find(mark)
+        while at >= 0:
+            found.append(at)
+            at = whole.find(mark, at + 1)
+    return found
+
+
+def _marked_blocks(whole: bytes, openai: bool) -> list[bytes]:
+    """The blocks (events without their blank line) of ``whole`` holding a mark, in order."""
+    marks = _marks(whole, openai)
+    if marks is None:
+        return whole.split(b"\n\n")
+    starts: dict[int, int] = {}
+    for at in marks:
+        start = whole.rfind(b"\n\n", 0, at)
+        start = start + 2 if start >= 0 else 0
+        if start not in starts:
+            starts[start] = whole.find(b"\n\n", at)
+    return [whole[start : starts[start]] for start in sorted(starts)]
 
 
 class BillingEvents:
     """A passthrough stream's events that may carry usage, an error or its end (``[DONE]`` included),
-    found without splitting the rest into events: bytes with none of their marks are only kept
-    until the next event boundary. Their text is the tracker's, read only if ever needed."""
+    found without splitting the rest into events: only the blocks holding one of their marks are
+    read; bytes after the last event boundary wait for the next chunk. The text is the tracker's,
+    read only if ever needed. A stream with carriage returns (lines may end in CR or CRLF, cut
+    anywhere) goes through the full parser."""
 
     __slots__ = ("_openai", "_parser", "_unread")
 
@@ -149,11 +191,22 @@ class BillingEvents:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         data = self._unread + chunk if self._unread else chunk
-        if self._parser.idle and not _may_carry_billing(self._openai, data):
-            self._unread = b"" if _clean_end(data) else data
-            return []
-        self._unread = b""
         openai = self._openai
+        if self._parser.idle and b"\r" not in data:
+            cut = data.rfind(b"\n\n")
+            if cut < 0:
+                self._unread = data
+                return []
+            whole, self._unread = data[: cut + 2], data[cut + 2 :]
+            if not _may_carry_billing(openai, whole):
+                return []
+            out = []
+            for block in _marked_blocks(whole, openai):
+                ev = event_of_block(block)
+                if ev is not None and (ev.data == DONE or _carries_billing(openai, ev.event, ev.data)):
+                    out.append(ev)
+            return out
+        self._unread = b""
         return [ev for ev in self._parser.feed(data) if ev.data == DONE or _carries_billing(openai, ev.event, ev.data)]
 
 

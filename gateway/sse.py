@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["DONE", "SSEEvent", "SSEParser", "format_event", "format_json_event"]
+__all__ = ["DONE", "SSEEvent", "SSEParser", "event_of_block", "format_event", "format_json_event"]
 
 DONE = b"[DONE]"
 
@@ -80,6 +80,24 @@ class SSEParser:
             out.append(SSEEvent(self._event, b"\n".join(self._data)))
             self._data = []
         return out
+
+
+def event_of_block(block: bytes) -> SSEEvent | None:
+    """The event of one whole block (its lines without the blank line ending it, ``\n`` line ends):
+    what SSEParser yields for it, None for a comment-only block."""
+    event: str | None = None
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        if not line or line[:1] == b":":
+            continue
+        field, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            event = value.decode("utf-8", "replace")
+    return SSEEvent(event, b"\n".join(data)) if data else None
 
 
 def format_event(data: bytes, event: str | None = None) -> bytes:
