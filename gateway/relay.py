@@ -141,13 +141,16 @@ def _marks(whole: bytes, openai: bool) -> list[int] | None:
             while at >= 0:
                 found.append(at)
                 at = whole.find(mark, at + 1)
-        # OpenAI writes "usage":null on every chunk: look at each usage only when some is not that.
-        if whole.count(b'"usage"') != whole.count(b'"usage":null'):
-            at = whole.find(b'"usage"')
-            while at >= 0:
-                if _has_member(whole[at : whole.find(b"\n", at)], b'"usage"', null_counts=False):
-                    found.append(at)
-                at = whole.find(b'"usage"', at + 1)
+        # OpenAI writes "usage":null on every chunk: compact members are told apart by counting;
+        # only a text written otherwise has each usage looked at.
+        usages = whole.count(b'"usage"')
+        objects = whole.count(b'"usage":{')
+        mark = b'"usage":{' if usages == objects + whole.count(b'"usage":null') else b'"usage"'
+        at = whole.find(mark) if objects or mark == b'"usage"' else -1
+        while at >= 0:
+            if mark != b'"usage"' or _has_member(whole[at : whole.find(b"\n", at)], mark, null_counts=False):
+                found.append(at)
+            at = whole.find(mark, at + 1)
         return found
     data_lines = whole.count(b"\ndata:") + whole.startswith(b"data:")
     event_lines = whole.count(b"\nevent:") + whole.startswith(b"event:")

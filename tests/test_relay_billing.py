@@ -4,6 +4,8 @@ finds exactly the events a full parse would (gateway.relay.BillingEvents)."""
 
 from __future__ import annotations
 
+import json
+
 import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,8 +35,9 @@ anthropic_events = st.one_of(
 )
 
 
-def _frame(event: str | None, data: object, newline: bytes) -> bytes:
-    payload = b"[DONE]" if data == "[DONE]" else orjson.dumps(data)
+def _frame(event: str | None, data: object, newline: bytes, spaced: bool) -> bytes:
+    # Upstreams write compact JSON (orjson, Go) or spaced (Python's json.dumps).
+    payload = b"[DONE]" if data == "[DONE]" else json.dumps(data).encode() if spaced else orjson.dumps(data)
     head = b"event: " + event.encode() + newline if event else b""
     comment = b": keep-alive" + newline + newline if event == "ping" else b""
     return comment + head + b"data: " + payload + newline + newline
@@ -48,10 +51,13 @@ def _frame(event: str | None, data: object, newline: bytes) -> bytes:
     ),
     st.sampled_from([b"\n", b"\r\n"]),
     st.lists(st.integers(1, 60), max_size=30),
+    st.booleans(),
 )
-def test_billing_events_are_found_whatever_the_text_and_the_cuts(case: tuple[bool, list], newline: bytes, cuts: list[int]) -> None:
+def test_billing_events_are_found_whatever_the_text_and_the_cuts(
+    case: tuple[bool, list], newline: bytes, cuts: list[int], spaced: bool
+) -> None:
     openai, events = case
-    stream = b"".join(_frame(event, data, newline) for event, data in events)
+    stream = b"".join(_frame(event, data, newline, spaced) for event, data in events)
     expected = [
         (ev.event, ev.data)
         for ev in SSEParser().feed(stream)
