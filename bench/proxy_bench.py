@@ -338,6 +338,10 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: Procs, prefix: str) -
         out["rss"] = {"start_mib": rss_start / 2**20, "after_mib": rss_bytes(gw.pid) / 2**20}
         if base is not None:
             out["rss"]["baseline_after_mib"] = rss_bytes(base.pid) / 2**20
+        gateways = {"gateway": (gw_port, gw.pid)}
+        if base is not None:
+            gateways["baseline"] = (base_port, base.pid)
+        out["agent_open"] = await _agent_open(args, gateways, key)
         return out
     direct_req = http_request(
         fast_port, "/v1/chat/completions", _body("bench-upstream"), {"Content-Type": "application/json"}
@@ -439,6 +443,49 @@ async def _run(args: argparse.Namespace, tmp: Path, procs: Procs, prefix: str) -
 
 
 AGENT_SHAPES = (("openai", "/v1/chat/completions"), ("anthropic", "/v1/messages"))
+
+
+async def _agent_open(args: argparse.Namespace, gateways: dict[str, tuple[int, int]], key: str) -> dict[str, Any]:
+    """Memory under many agent sessions at once: ``--agent-open`` requests, each the last turn of its
+    own session (~400 KB, ~100k tokens), held open on the slow fake; the process's RSS while they are,
+    over its RSS before."""
+    from agent_workload import MAX_TURNS, Corpus, Session
+
+    corpus = Corpus.load()
+    n = args.agent_open
+    figures: dict[str, Any] = {"requests": n}
+    for name, (port, pid) in gateways.items():
+        bodies = []
+        for number in range(n):
+            session = Session(corpus, "openai", 900_000 + number, "bench-slow")
+            for _ in range(MAX_TURNS):
+                body = session.next_body()
+            bodies.append(body)
+        time.sleep(0.5)
+        before = rss_bytes(pid)
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        conns: list[Any] = []
+        for i in range(0, n, 50):
+            batch = bodies[i : i + 50]
+            opened = await asyncio.gather(
+                *(open_streams(port, http_request(port, "/v1/chat/completions", b, headers), 1, timeout_s=60) for b in batch)
+            )
+            conns += [c for group in opened for c in group]
+        during = rss_bytes(pid)
+        for c in conns:
+            if c.transport is not None:
+                c.transport.abort()
+        deadline = time.monotonic() + 30
+        while _active_streams(port) > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        figures[name] = {
+            "body_kib": sum(map(len, bodies)) / n / 1024,
+            "before_mib": before / 2**20,
+            "open_mib": during / 2**20,
+            "per_request_kib": (during - before) / n / 1024,
+        }
+        print(f"  agent open {name}: {(during - before) / n / 1024:.0f} KiB per open request", file=sys.stderr)
+    return figures
 
 
 async def _agent_phases(
@@ -543,6 +590,15 @@ def _agent_summary(out: dict[str, Any]) -> None:
         print()
     if "rss" in out:
         print("gateway RSS: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in out["rss"].items()))
+    if "agent_open" in out:
+        o = out["agent_open"]
+        for name in ("gateway", "baseline"):
+            if name in o:
+                f = o[name]
+                print(
+                    f"{name}: {o['requests']} agent requests open at once ({f['body_kib']:.0f} KiB bodies): "
+                    f"RSS {f['before_mib']:.1f} -> {f['open_mib']:.1f} MiB, {f['per_request_kib']:.0f} KiB each"
+                )
 
 
 def _summary(out: dict[str, Any]) -> None:
@@ -604,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
         "--sessions", type=int, default=2, help="--agent: whole sessions per connection and phase (1 with --quick)"
     )
     p.add_argument("--streams", type=int, default=OPEN_STREAMS, help="open streams for the RSS reading")
+    p.add_argument(
+        "--agent-open", type=int, default=100, help="--agent: ~400 KB requests held open at once for the RSS reading"
+    )
     p.add_argument("--slow-delay", type=float, default=1.0, help="seconds between frames of the open streams")
     p.add_argument(
         "--log-level", default="INFO", help="the gateway's LOG_LEVEL (INFO logs one line per request)"

@@ -324,6 +324,8 @@ class Proxy:
         t0 = time.perf_counter()
         try:
             up = await self.http.post(url, data=payload, headers=headers, timeout=self.timeout)
+            # Sent: a rewritten copy of an agent's ~400 KB body need not live as long as the stream.
+            del payload
         except TimeoutError:
             ex.status = "upstream_timeout"
             raise E.UpstreamTimeout("The upstream model service did not answer in time; retry.") from None
