@@ -27,7 +27,7 @@ import simdjson
 
 from .clientbody import ClientBody
 
-__all__ = ["MAX_VALUE_BYTES", "patched"]
+__all__ = ["MAX_VALUE_BYTES", "SPLICE_MIN_BYTES", "patched"]
 
 _WS = b" \t\r\n"
 _NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
@@ -37,6 +37,9 @@ _LITERALS = {ord("t"): 4, ord("f"): 5, ord("n"): 4}
 MAX_VALUE_BYTES = 4096
 # Nested look-alikes of a key tried before giving up (each costs a parse of part of the text).
 _MAX_CANDIDATES = 8
+# Below this a text with a member replaced or removed is parsed and encoded whole: cheaper than
+# proving where the member is.
+SPLICE_MIN_BYTES = 8 * 1024
 
 
 class _Fallback(Exception):
@@ -52,7 +55,7 @@ def patched(body: ClientBody, after: dict[str, Any]) -> bytes:
     added = [k for k in after if k not in before]
     if not replaced and not removed and not added and body.verbatim:
         return body.raw
-    if body.verbatim:
+    if body.verbatim and ((not replaced and not removed) or len(body.raw) >= SPLICE_MIN_BYTES):
         try:
             return _splice(body, after, replaced, removed, added)
         except _Fallback:

@@ -43,8 +43,16 @@ def format_micro(micro: int, places: int = 2) -> str:
 
 
 def iso_ms(ms: int | None) -> str | None:
+    """Epoch milliseconds as ISO 8601 UTC with milliseconds: 0 -> '1970-01-01T00:00:00.000Z'."""
     if ms is None:
         return None
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+    global _iso_second
+    seconds, millis = divmod(ms, 1000)
+    cached = _iso_second
+    if cached[0] != seconds:
+        # Every request formats two of these: the date part is made once a second.
+        cached = _iso_second = (seconds, dt.datetime.fromtimestamp(seconds, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{cached[1]}.{millis:03d}Z"
+
+
+_iso_second: tuple[int, str] = (-1, "")

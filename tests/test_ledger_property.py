@@ -414,3 +414,13 @@ async def test_random_operations_conserve_credit_on_real_redis(ops: list[tuple[A
         await run_operations(redis, ops)
     finally:
         await redis.aclose()
+
+
+@given(st.integers(min_value=0, max_value=253402300799999))
+def test_iso_ms_is_the_iso_8601_utc_millisecond_stamp(ms: int) -> None:
+    import datetime as dt
+
+    from ledger.money import iso_ms
+
+    at = dt.datetime.fromtimestamp(ms // 1000, tz=dt.UTC).replace(microsecond=(ms % 1000) * 1000)
+    assert iso_ms(ms) == at.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -4,12 +4,16 @@ only adds members, and is always the edited object exactly (gateway/rawjson.py).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import gateway.rawjson
 from gateway.clientbody import ClientBody, parse_body
 from gateway.rawjson import patched
 
@@ -44,6 +48,14 @@ reads = st.sampled_from(["whole", "summarised"])
 def _read(raw: bytes, how: str) -> ClientBody:
     # As the proxy reads a body: whole (a translated route), or with its big members left unread.
     return parse_body(raw, (lambda model: None) if how == "whole" else (lambda model: (BIG, "openai")))
+
+
+@pytest.fixture(autouse=True)
+def _splice_small_texts_too() -> Iterator[None]:
+    # Short texts are encoded whole in production (cheaper); here every text is spliced, so the
+    # generated bodies exercise the splice. Module-wide, so hypothesis sees it in every example.
+    with mock.patch.object(gateway.rawjson, "SPLICE_MIN_BYTES", 0):
+        yield
 
 
 def _apply(before: dict[str, Any], ops: list[tuple[str, str, Any]]) -> dict[str, Any]:
@@ -124,8 +136,6 @@ def test_a_summary_holds_only_what_validation_reads() -> None:
 
 
 def test_what_simdjson_refuses_is_read_by_orjson_with_the_same_answers() -> None:
-    import pytest
-
     from gateway import errors as E
 
     big = b'{"model":"m","messages":[],"x":123456789012345678901234567890}'  # past 64 bits: a float to orjson
@@ -167,3 +177,11 @@ def test_nested_look_alikes_before_the_member_are_passed_over() -> None:
     body = parse_body(raw, lambda model: (frozenset(("messages", "tools")), "anthropic"))
     out = patched(body, {**body.head, "model": "up"})
     assert out == raw.replace(b'"model":"m","messages"', b'"model":"up","messages"')
+
+
+def test_a_short_text_with_a_member_replaced_is_encoded_whole() -> None:
+    raw = b'{"model": "m", "messages": []}'
+    body = parse_body(raw, lambda model: (frozenset(("messages",)), "openai"))
+    with mock.patch.object(gateway.rawjson, "SPLICE_MIN_BYTES", 8 * 1024):
+        assert patched(body, {**body.head, "model": "up"}) == b'{"model":"up","messages":[]}'
+        assert patched(body, {**body.head, "max_tokens": 5}) == b'{"max_tokens":5,"model": "m", "messages": []}'
