@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Distribution name -> the module it installs, where the two differ.
-IMPORT_NAMES = {"aiohttp-session": "aiohttp_session"}
+IMPORT_NAMES = {"aiohttp-session": "aiohttp_session", "pysimdjson": "simdjson"}
 
 
 def _imported_top_levels() -> set[str]:
