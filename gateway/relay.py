@@ -221,12 +221,16 @@ async def _passthrough(ex: Exchange, up: aiohttp.ClientResponse, resp: web.Strea
     # for: then events are re-framed one by one (still without re-encoding their JSON).
     filtering = openai and not ex.include_usage
     events_of = SSEParser().feed if filtering else BillingEvents(openai).feed
+    # echo_model's patterns, looked up once a stream rather than once a chunk.
+    rename = _model_patterns(up_name, client_name) if up_name != client_name else None
     saw_end = False
     try:
         async for chunk in up.content.iter_any():
             tracker.defer(chunk)  # the text, read only if ever needed
             if not filtering:
-                await resp.write(echo_model(chunk, up_name, client_name))
+                if rename is not None:
+                    chunk = chunk.replace(rename[0], rename[1]).replace(rename[2], rename[3])
+                await resp.write(chunk)
                 ex.produced = True
             for ev in events_of(chunk):
                 data = ev.data

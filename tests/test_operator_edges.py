@@ -97,3 +97,17 @@ def test_procfile_web_without_redis_url_serves_loopback_only_and_says_so(tmp_pat
         _, err = proc.communicate(timeout=30)
     assert "HOST=0.0.0.0 ignored" in err and "listens on 127.0.0.1 only" in err
     assert "OMISE_WEBHOOK_SECRET is not set" in err
+
+
+def test_log_lines_keep_the_standard_time_stamp() -> None:
+    # gateway.__main__._Formatter makes the date part once a second; the line is the standard one.
+    import logging
+
+    from gateway.__main__ import _Formatter
+
+    fmt = "%(asctime)s %(levelname)s %(name)s %(message)s"
+    ours, standard = _Formatter(fmt), logging.Formatter(fmt)
+    for created in (1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_000.25, 1_800_000_000.0):
+        record = logging.LogRecord("gateway.proxy", logging.INFO, __file__, 1, "settled n=%d", (3,), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == standard.format(record)
