@@ -63,8 +63,15 @@ class ClientBody:
     def whole(self) -> dict[str, Any]:
         """The whole object (parsed from the bytes the first time a summarised body is asked)."""
         if self._whole is None:
-            whole = orjson.loads(self.raw)
-            assert isinstance(whole, dict)  # the summary came from the same text
+            try:
+                whole = orjson.loads(self.raw)
+            except orjson.JSONDecodeError:
+                # simdjson read this text and orjson does not: simdjson's reading is the one the
+                # summary came from (no such text is known; a BOM is refused before summarising).
+                doc = simdjson.Parser().parse(self.raw)
+                assert isinstance(doc, simdjson.Object)  # the summary came from the same text
+                whole = doc.as_dict()
+            assert isinstance(whole, dict)
             self._whole = whole
         return self._whole
 
@@ -75,7 +82,7 @@ def parse_body(raw: bytes, summarise: Callable[[Any], tuple[frozenset[str], str]
     "anthropic"), or None: parse it whole."""
     try:
         read = _read(raw, summarise)
-    except (ValueError, RuntimeError):  # simdjson's refusals: orjson decides, with our 400s
+    except (ValueError, RuntimeError, KeyError):  # simdjson refused (a key with a NUL), a key twice
         read = None
     if read is not None:
         return read
@@ -89,6 +96,8 @@ def parse_body(raw: bytes, summarise: Callable[[Any], tuple[frozenset[str], str]
 
 
 def _read(raw: bytes, summarise: Callable[[Any], tuple[frozenset[str], str] | None]) -> ClientBody | None:
+    if raw.startswith(b"\xef\xbb\xbf"):
+        return None  # a byte order mark: simdjson skips it, orjson (and the 400 it gives) does not
     # A parser per request: a simdjson parser refuses a second document while objects of the first
     # are alive, and requests interleave on the loop; allocating one costs ~10 us.
     doc = simdjson.Parser().parse(raw)
@@ -103,13 +112,29 @@ def _read(raw: bytes, summarise: Callable[[Any], tuple[frozenset[str], str] | No
     if plan is None:
         return ClientBody(raw, doc.as_dict(), verbatim=True)
     big, fmt = plan
-    head: dict[str, Any] = {key: None if key in big else _value(doc[key]) for key in keys}
+    # Every object read here must have each key once (tokens.DuplicateKeys otherwise: read whole):
+    # simdjson reads the first of two, orjson and many upstreams the last.
+    head: dict[str, Any] = {key: None if key in big else _value(_unique(doc[key])) for key in keys}
     fixed = tokens.fixed_outside_messages(doc, fmt)
     if "messages" in head:
         # One pass over the messages for both (a second walk over a simdjson array costs double).
         head["messages"], in_messages = _roles_and_fixed(doc["messages"], fmt)
         fixed += in_messages
     return ClientBody(raw, head, summarised=True, fixed_tokens=fixed, verbatim=True, big=big & head.keys())
+
+
+def _unique(value: Any) -> Any:
+    """``value`` if no object in it has a key twice (small members only: it walks them)."""
+    if isinstance(value, simdjson.Object):
+        keys = list(value.keys())
+        if len(keys) != len(set(keys)):
+            raise tokens.DuplicateKeys
+        for key in keys:
+            _unique(value[key])  # (values() would convert, losing a nested duplicate)
+    elif isinstance(value, simdjson.Array):
+        for item in value:
+            _unique(item)
+    return value
 
 
 def _value(value: Any) -> Any:
@@ -129,9 +154,9 @@ def _roles_and_fixed(value: Any, fmt: str) -> tuple[Any, int]:
     fixed = 0
     for item in value:
         if isinstance(item, simdjson.Object):
+            fixed += tokens.fixed_of_message(item, fmt)  # first: it refuses a key written twice
             role = item.get("role")
             roles.append({"role": role if isinstance(role, str) else None})
-            fixed += tokens.fixed_of_message(item, fmt)
         else:
             roles.append(None)
     return roles, fixed

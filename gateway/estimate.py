@@ -165,7 +165,13 @@ class PromptEstimate:
             return self._exact
         if self._body is not None:
             body = self._body() if callable(self._body) else self._body
-            self._overhead, self._parts, self._cuts = tokens.collect_request(body, self._fmt)
+            try:
+                self._overhead, self._parts, self._cuts = tokens.collect_request(body, self._fmt)
+            except tokens.Uncountable:
+                # A body forwarded unwalked holds JSON nested past what can be encoded to count:
+                # its bound stands for its count (never less than the text it holds).
+                self._body = None
+                return self.bound
             self._body = None
         parts, cuts, cache = self._parts, self._cuts, self._cache
         total = self._overhead

@@ -311,7 +311,12 @@ class Proxy:
             url = f"http://{host}:{port}/_demo/v1/chat/completions"
         # A passthrough's edit is shallow: the client's bytes go on when it changed nothing, or only
         # added members; otherwise (and always for a translation) the edited object is encoded.
-        payload = patched(body, out) if ex.route.passthrough else orjson.dumps(out)
+        try:
+            payload = patched(body, out) if ex.route.passthrough else orjson.dumps(out)
+        except orjson.JSONEncodeError:
+            # A same-format body is not checked for depth (nothing walks it), but one that must be
+            # encoded again and is nested past what orjson encodes cannot go: refused, nothing held.
+            raise E.BadRequest("Request body is nested too deeply to forward.") from None
         return url, headers, payload
 
     async def _forward(self, request: web.Request, ex: Exchange, body: ClientBody) -> web.StreamResponse:

@@ -80,10 +80,14 @@ def _on_whole(body: ClientBody, after: dict[str, Any]) -> dict[str, Any]:
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Whether a member the route set is, byte for byte once encoded, what the client sent: types
+    count (``1`` is not ``true``, ``1.0`` is not ``1``), so an upstream gets exactly what was billed."""
     if a is b:
         return True
     if type(a) is not type(b) or isinstance(a, list):
         return False  # a replaced list (messages, tools) is a real change: not compared item by item
+    if isinstance(a, dict):
+        return orjson.dumps(a) == orjson.dumps(b)
     return bool(a == b)
 
 

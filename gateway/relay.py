@@ -195,7 +195,8 @@ class BillingEvents:
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         data = self._unread + chunk if self._unread else chunk
         openai = self._openai
-        if self._parser.idle and b"\r" not in data:
+        # (One event longer than _MAX_UNREAD goes to the parser: no re-scanning it chunk after chunk.)
+        if self._parser.idle and b"\r" not in data and len(data) <= _MAX_UNREAD:
             cut = data.rfind(b"\n\n")
             if cut < 0:
                 self._unread = data
@@ -210,7 +211,21 @@ class BillingEvents:
                     out.append(ev)
             return out
         self._unread = b""
-        return [ev for ev in self._parser.feed(data) if ev.data == DONE or _carries_billing(openai, ev.event, ev.data)]
+        return self._billing(self._parser.feed(data))
+
+    def close(self) -> list[SSEEvent]:
+        """At the end of the stream: an event its upstream left without the blank line (or with a
+        last CR the parser held back, waiting for an LF)."""
+        events = self._parser.feed(self._unread) if self._unread else []
+        self._unread = b""
+        return self._billing(events + self._parser.close())
+
+    def _billing(self, events: list[SSEEvent]) -> list[SSEEvent]:
+        openai = self._openai
+        return [ev for ev in events if ev.data == DONE or _carries_billing(openai, ev.event, ev.data)]
+
+
+_MAX_UNREAD = 64 * 1024
 
 
 async def _passthrough(ex: Exchange, up: aiohttp.ClientResponse, resp: web.StreamResponse) -> None:
@@ -220,10 +235,42 @@ async def _passthrough(ex: Exchange, up: aiohttp.ClientResponse, resp: web.Strea
     # An OpenAI client that did not ask for usage must not get the extra usage-only chunk we asked
     # for: then events are re-framed one by one (still without re-encoding their JSON).
     filtering = openai and not ex.include_usage
-    events_of = SSEParser().feed if filtering else BillingEvents(openai).feed
+    reader: SSEParser | BillingEvents = SSEParser() if filtering else BillingEvents(openai)
     # echo_model's patterns, looked up once a stream rather than once a chunk.
     rename = _model_patterns(up_name, client_name) if up_name != client_name else None
     saw_end = False
+
+    async def handle(events: list[SSEEvent]) -> None:
+        nonlocal saw_end
+        for ev in events:
+            data = ev.data
+            if data == DONE:
+                saw_end = True
+                if filtering:
+                    await resp.write(b"data: [DONE]\n\n")
+                continue
+            if _carries_billing(openai, ev.event, data):
+                try:
+                    obj = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                event = ev.event or str(obj.get("type", ""))
+                if openai:
+                    tracker.observe_chunk(obj, pieces=False)
+                else:
+                    tracker.observe_event(event, obj, pieces=False)
+                if _in_stream_error(ex.upstream_fmt, event, obj) is not None:
+                    ex.status = "upstream_error"
+                elif not openai and ev.event == "message_stop":
+                    saw_end = True
+                if filtering and not obj.get("choices") and "usage" in obj and "error" not in obj:
+                    continue  # the usage chunk the client did not ask for
+            if filtering:
+                await resp.write(echo_model(b"data: " + data + b"\n\n", up_name, client_name))
+                ex.produced = True
+
     try:
         async for chunk in up.content.iter_any():
             tracker.defer(chunk)  # the text, read only if ever needed
@@ -232,34 +279,10 @@ async def _passthrough(ex: Exchange, up: aiohttp.ClientResponse, resp: web.Strea
                     chunk = chunk.replace(rename[0], rename[1]).replace(rename[2], rename[3])
                 await resp.write(chunk)
                 ex.produced = True
-            for ev in events_of(chunk):
-                data = ev.data
-                if data == DONE:
-                    saw_end = True
-                    if filtering:
-                        await resp.write(b"data: [DONE]\n\n")
-                    continue
-                if _carries_billing(openai, ev.event, data):
-                    try:
-                        obj = orjson.loads(data)
-                    except orjson.JSONDecodeError:
-                        continue
-                    if not isinstance(obj, dict):
-                        continue
-                    event = ev.event or str(obj.get("type", ""))
-                    if openai:
-                        tracker.observe_chunk(obj, pieces=False)
-                    else:
-                        tracker.observe_event(event, obj, pieces=False)
-                    if _in_stream_error(ex.upstream_fmt, event, obj) is not None:
-                        ex.status = "upstream_error"
-                    elif not openai and ev.event == "message_stop":
-                        saw_end = True
-                    if filtering and not obj.get("choices") and "usage" in obj and "error" not in obj:
-                        continue  # the usage chunk the client did not ask for
-                if filtering:
-                    await resp.write(echo_model(b"data: " + data + b"\n\n", up_name, client_name))
-                    ex.produced = True
+            events = reader.feed(chunk)
+            if events:
+                await handle(events)
+        await handle(reader.close())  # an event left without its blank line at the end
     except TimeoutError:
         ex.status = "upstream_timeout"
         await _stream_error(ex, resp, "timeout_error", "The upstream model service stopped sending; the answer is incomplete.")

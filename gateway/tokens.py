@@ -25,7 +25,9 @@ __all__ = [
     "DOCUMENT_TOKENS_ESTIMATE",
     "IMAGE_TOKENS_ANTHROPIC",
     "IMAGE_TOKENS_OPENAI",
+    "DuplicateKeys",
     "TokenizerDataError",
+    "Uncountable",
     "collect_request",
     "count_anthropic_request",
     "count_anthropic_request_async",
@@ -168,13 +170,32 @@ async def count_text_async(text: str) -> int:
 def _json_text(value: Any) -> str:
     try:
         return orjson.dumps(value).decode()
-    except TypeError:
-        return ""
+    except TypeError as exc:
+        if "ecursion" in str(exc):
+            # Nested past orjson's limit (a body forwarded unwalked): not "no text", uncountable.
+            raise Uncountable from None
+        return ""  # not JSON a client could send (an integer past 64 bits): nothing to count
 
 
 # The fixed-estimate walks also read a simdjson document (gateway.clientbody) before it is released.
 _LISTS = (list, simdjson.Array)
 _DICTS = (dict, simdjson.Object)
+
+
+class DuplicateKeys(ValueError):
+    """An object the walk reads has a key twice: simdjson reads the first, orjson (and many
+    upstreams) the last, so the body must be read whole (gateway.clientbody)."""
+
+
+class Uncountable(ValueError):
+    """A JSON value counted as text could not be encoded (nested past orjson's limit)."""
+
+
+def _read_as_one(obj: Any) -> Any:
+    # A dict has one value per key by construction; a simdjson object may not.
+    if type(obj) is simdjson.Object and len(obj) != len(set(obj.keys())):
+        raise DuplicateKeys
+    return obj
 
 
 def _openai_content(content: Any, parts: list[str]) -> int:
@@ -186,7 +207,7 @@ def _openai_content(content: Any, parts: list[str]) -> int:
         for part in content:
             if not isinstance(part, _DICTS):
                 continue
-            kind = part.get("type")
+            kind = _read_as_one(part).get("type")
             if kind == "text":
                 text = part.get("text")
                 if isinstance(text, str):
@@ -319,11 +340,11 @@ def _anthropic_fixed(content: Any, depth: int = 0) -> int:
     for block in content:
         if not isinstance(block, _DICTS):
             continue
-        kind = block.get("type")
+        kind = _read_as_one(block).get("type")
         if kind == "image":
             total += IMAGE_TOKENS_ANTHROPIC
         elif kind == "document":
-            source = block.get("source")
+            source = _read_as_one(block.get("source"))
             if isinstance(source, _DICTS) and source.get("type") == "text" and isinstance(source.get("data"), str):
                 continue
             if isinstance(source, _DICTS) and source.get("type") == "content":
@@ -338,7 +359,7 @@ def _anthropic_fixed(content: Any, depth: int = 0) -> int:
 def fixed_of_message(message: Any, fmt: str) -> int:
     """One message's images and documents at their fixed estimates (the rules of ``collect_request``);
     ``message`` is a dict or a simdjson object. Walks only content lists, never text."""
-    content = message.get("content") if isinstance(message, _DICTS) else None
+    content = _read_as_one(message).get("content") if isinstance(message, _DICTS) else None
     if fmt == "anthropic":
         return _anthropic_fixed(content)
     return _openai_content(content, []) if isinstance(content, _LISTS) else 0

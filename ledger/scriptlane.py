@@ -7,11 +7,15 @@ from every request share one connection, are written together once per loop iter
 replies are parsed from whole reads, in order.
 
 The connection is made by redis-py itself (``pool.make_connection()``: TLS, AUTH, HELLO, SELECT as the
-URL says), then only its streams are used. The lane is an optimisation, never a second behaviour:
-anything but a plain reply (a lost connection, an error reply, NOSCRIPT, a timeout) raises
-``LaneUnavailable`` and the caller runs the same call through redis-py, whose retries, reconnection
-and exceptions apply as before. The scripts are idempotent on their ids, so a call the lane may have
-sent before its connection broke is safe to send again (redis-py's own retry does the same).
+URL says; one try, without the pool's retries), then only its streams are used. The lane is an
+optimisation, never a second behaviour: a lost connection, a timeout or NOSCRIPT raises
+``LaneUnavailable`` and the caller runs the same call through redis-py, whose reload, retries,
+reconnection and exceptions apply as before. The scripts are idempotent on their ids, so a call the
+lane may have sent before its connection broke is safe to send again (redis-py's own retry does the
+same). Any other error reply is raised as redis-py would raise it (a script that failed is not run
+twice). One case is not covered: a call the lane gave up on after its timeout (Redis stalled for 10
+s) may still run after redis-py's re-run; for reserve, a late hold is then released by the worker's
+stale sweep after its deadline.
 """
 
 from __future__ import annotations
@@ -21,6 +25,21 @@ import collections
 import contextlib
 import time
 from typing import Any
+
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+
+def _parse_error(response: str) -> RedisError:
+    """redis-py's own mapping of an error reply to its exception class (BusyLoadingError, ...)."""
+    try:
+        from redis._parsers.base import BaseParser
+    except ImportError:  # a redis-py without it: a plain ResponseError
+        return ResponseError(response)
+    error: RedisError = BaseParser.parse_error(response)  # type: ignore[no-untyped-call]
+    return error
+
 
 __all__ = ["LaneUnavailable", "ScriptLane"]
 
@@ -51,6 +70,8 @@ class ScriptLane:
         self._retry_at = 0.0  # after a failed connect, calls go to redis-py until then
 
     async def evalsha(self, sha: str, key: str, args: list[str]) -> Any:
+        if self._closed:
+            raise LaneUnavailable("closed")
         if self._writer is None:
             if time.monotonic() < self._retry_at:
                 raise LaneUnavailable("reconnecting later")
@@ -70,11 +91,14 @@ class ScriptLane:
 
     async def aclose(self) -> None:
         self._closed = True
-        self._fail(LaneUnavailable("closed"))
-        if self._reader_task is not None:
-            self._reader_task.cancel()
+        task = self._reader_task
+        self._broken(LaneUnavailable("closed"))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if task is not None:
             with contextlib.suppress(BaseException):
-                await self._reader_task
+                await task
 
     # ----- connection ----------------------------------------------------------------------------
     async def _connect(self) -> None:
@@ -85,15 +109,24 @@ class ScriptLane:
             return
         loop = asyncio.get_running_loop()
         self._connecting = loop.create_future()
+        conn = None
         try:
-            conn = self._pool.make_connection()
+            # One try: when Redis is not there, redis-py's own call (and its retries) answers.
+            pool = self._pool
+            conn = pool.connection_class(**{**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)})
             await conn.connect()
             reader, writer = conn._reader, conn._writer
             if reader is None or writer is None:
                 raise LaneUnavailable("no streams")
+            if self._closed:
+                raise LaneUnavailable("closed")
             self._conn, self._writer = conn, writer
             self._reader_task = loop.create_task(self._read(reader))
-        except Exception as exc:
+        except BaseException as exc:
+            if conn is not None and conn is not self._conn:
+                _drop(conn)
+            if not isinstance(exc, Exception):
+                raise  # cancelled
             # Redis is not there: redis-py answers (its retries, its errors) for a second.
             self._retry_at = time.monotonic() + 1.0
             raise LaneUnavailable(type(exc).__name__) from None
@@ -134,7 +167,10 @@ class ScriptLane:
                     if future.done():
                         continue  # its caller went away; the reply is consumed all the same
                     if isinstance(value, _ErrorReply):
-                        future.set_exception(LaneUnavailable(value.message.split(" ", 1)[0]))
+                        if value.message.startswith("NOSCRIPT"):
+                            future.set_exception(LaneUnavailable("NOSCRIPT"))  # redis-py reloads it
+                        else:
+                            future.set_exception(_parse_error(value.message))
                     else:
                         future.set_result(value)
                 buf = buf[pos:]
@@ -172,6 +208,14 @@ class ScriptLane:
         for future, _ in pending:
             if not future.done():
                 future.set_exception(exc)
+
+
+def _drop(conn: Any) -> None:
+    writer = getattr(conn, "_writer", None)
+    if writer is not None:
+        with contextlib.suppress(Exception):
+            writer.close()
+    conn._reader = conn._writer = None
 
 
 def _pack(parts: tuple[str, ...]) -> bytes:

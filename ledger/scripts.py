@@ -68,6 +68,7 @@ class Scripts:
                 return await self.lane.evalsha(self._scripts[name].sha, journal_key, argv)
             except LaneUnavailable:
                 pass  # redis-py answers: its reload on NOSCRIPT, its retries, its exceptions
+            # (any other error reply is raised by the lane itself, as redis-py raises it)
         # AsyncScript reloads once on NOSCRIPT; a second flush racing that reload (a Redis restart,
         # an operator's SCRIPT FLUSH) gets one more try. The scripts are idempotent on their ids.
         for _ in range(2):

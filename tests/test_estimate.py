@@ -367,3 +367,15 @@ def test_bodies_round_trip_through_json_unchanged_estimate() -> None:
     body = _agent_body(3, marked=2)
     again = orjson.loads(orjson.dumps(body))
     assert estimate_prompt(body, "anthropic").bound == estimate_prompt(again, "anthropic").bound
+
+
+def test_json_nested_past_what_can_be_encoded_counts_at_its_bound() -> None:
+    # A same-format body is forwarded without a depth check; counting it must not drop the deep part
+    # (orjson refuses to encode past ~255 levels): its bound stands for its count.
+    deep: Any = "x"
+    for _ in range(300):
+        deep = [deep]
+    body = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"name": "t", "description": "d" * 300_000, "input_schema": {"x": deep}}]}
+    prompt = estimate_prompt(body, "anthropic", TokenCountCache(), raw_bytes=300_000 + 1_000)
+    assert prompt.exact_now() == prompt.bound

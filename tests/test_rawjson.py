@@ -185,3 +185,40 @@ def test_a_short_text_with_a_member_replaced_is_encoded_whole() -> None:
     with mock.patch.object(gateway.rawjson, "SPLICE_MIN_BYTES", 8 * 1024):
         assert patched(body, {**body.head, "model": "up"}) == b'{"model":"up","messages":[]}'
         assert patched(body, {**body.head, "max_tokens": 5}) == b'{"max_tokens":5,"model": "m", "messages": []}'
+
+
+def test_a_key_written_twice_anywhere_the_gateway_reads_is_read_whole() -> None:
+    # simdjson reads the first of two keys, orjson and many upstreams the last: an image hidden
+    # behind a text block's second "type" must still be in the hold's bound, and the upstream must
+    # get the one reading the gateway billed for.
+    plan = (frozenset(("messages", "system", "tools")), "anthropic")
+    hidden = b'{"type":"text","text":"","type":"image","source":{"type":"url","url":"https://x/a.png"}}'
+    cases = [
+        b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[' + hidden + b"]}]}",
+        b'{"model":"m","max_tokens":5,"messages":[{"role":"user","role":5,"content":"hi"}]}',
+        b'{"model":"m","max_tokens":5,"messages":[],"stream_options":{"include_usage":false,"include_usage":true}}',
+        b'{"model":"m","max_tokens":5,"messages":[],"metadata":{"a":{"user_id":"x","user_id":"y"}}}',
+    ]
+    for raw in cases:
+        body = parse_body(raw, lambda model: plan)
+        assert not body.summarised and not body.verbatim, raw
+        assert orjson.loads(patched(body, dict(body.head))) == orjson.loads(raw)  # sent once, as parsed
+    from gateway.estimate import estimate_body
+    from gateway.tokens import IMAGE_TOKENS_ANTHROPIC
+
+    assert estimate_body(parse_body(cases[0], lambda model: plan), "anthropic").bound >= IMAGE_TOKENS_ANTHROPIC
+
+
+def test_a_member_set_to_an_equal_value_of_another_type_is_rewritten() -> None:
+    # {"include_usage": 1} == {"include_usage": True} in Python; upstreams tell them apart.
+    raw = b'{"model":"m","messages":[],"stream_options":{"include_usage":1},"n":1.0}'
+    body = parse_body(raw, lambda model: (frozenset(("messages",)), "openai"))
+    out = patched(body, {**body.head, "stream_options": {"include_usage": True}, "n": 1})
+    assert b'"include_usage":true' in out and b'"n":1' in out and b'"n":1.0' not in out
+
+
+def test_a_byte_order_mark_is_refused_as_before() -> None:
+    from gateway import errors as E
+
+    with pytest.raises(E.BadRequest, match="not valid JSON"):
+        parse_body(b'\xef\xbb\xbf{"model":"m","messages":[]}', lambda model: (frozenset(("messages",)), "openai"))

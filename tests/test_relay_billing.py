@@ -49,7 +49,7 @@ def _frame(event: str | None, data: object, newline: bytes, spaced: bool) -> byt
         st.tuples(st.just(True), st.lists(openai_events, max_size=12)),
         st.tuples(st.just(False), st.lists(anthropic_events, max_size=12)),
     ),
-    st.sampled_from([b"\n", b"\r\n"]),
+    st.sampled_from([b"\n", b"\r\n", b"\r"]),
     st.lists(st.integers(1, 60), max_size=30),
     st.booleans(),
 )
@@ -58,9 +58,10 @@ def test_billing_events_are_found_whatever_the_text_and_the_cuts(
 ) -> None:
     openai, events = case
     stream = b"".join(_frame(event, data, newline, spaced) for event, data in events)
+    full = SSEParser()
     expected = [
         (ev.event, ev.data)
-        for ev in SSEParser().feed(stream)
+        for ev in full.feed(stream) + full.close()  # close(): the end of the stream
         if ev.data == DONE or _carries_billing(openai, ev.event, ev.data)
     ]
     pieces, pos = [], 0
@@ -70,8 +71,10 @@ def test_billing_events_are_found_whatever_the_text_and_the_cuts(
     pieces.append(stream[pos:])
     billing = BillingEvents(openai)
     found = [(ev.event, ev.data) for piece in pieces if piece for ev in billing.feed(piece)]
+    found += [(ev.event, ev.data) for ev in billing.close()]  # the end of the stream
     assert found == expected
     # And the parser itself reads the same events however the bytes are cut (a CRLF cut in two
     # once lost an event's name).
     parser = SSEParser()
-    assert [ev for piece in pieces for ev in parser.feed(piece)] == SSEParser().feed(stream)
+    whole = SSEParser()
+    assert [ev for piece in pieces for ev in parser.feed(piece)] + parser.close() == whole.feed(stream) + whole.close()

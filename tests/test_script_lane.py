@@ -149,3 +149,34 @@ async def test_a_closed_lane_sends_everything_to_redis_py(redis_client: aioredis
     await lane.aclose()
     with pytest.raises(LaneUnavailable):
         await lane.evalsha("0" * 40, "k", [])
+
+
+@real_redis
+async def test_an_error_reply_is_raised_as_redis_py_raises_it_and_not_run_twice(redis_client: aioredis.Redis) -> None:
+    from redis.exceptions import ResponseError
+
+    lane = ScriptLane(redis_client.connection_pool)
+    counter = "lane:test:runs"
+    await redis_client.delete(counter)
+    # A script that writes, then fails: Redis keeps the write; running it again would write twice.
+    sha = await redis_client.script_load("redis.call('INCR', KEYS[1]) return redis.error_reply('ERR boom')")
+    try:
+        with pytest.raises(ResponseError, match="boom"):
+            await lane.evalsha(sha, counter, [])
+        assert await redis_client.get(counter) == "1"
+    finally:
+        await lane.aclose()
+        await redis_client.delete(counter)
+
+
+@real_redis
+async def test_a_closed_lane_lets_go_of_its_connection(redis_client: aioredis.Redis) -> None:
+    lane = ScriptLane(redis_client.connection_pool)
+    sha = await redis_client.script_load("return 1")
+    assert await lane.evalsha(sha, "k", []) == 1
+    writer = lane._writer
+    assert writer is not None
+    await lane.aclose()
+    assert lane._writer is None and writer.is_closing()
+    with pytest.raises(LaneUnavailable):
+        await lane.evalsha(sha, "k", [])
