@@ -29,13 +29,25 @@ import simdjson
 from . import errors as E
 from . import tokens
 
-__all__ = ["ClientBody", "parse_body"]
+__all__ = ["UNREAD", "ClientBody", "parse_body"]
+
+
+class _Unread:
+    """Stands in a summarised head for a big member other than the messages: never its value."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<unread>"
+
+
+UNREAD = _Unread()
 
 
 class ClientBody:
     """One request's body. ``head`` is the whole object, or (``summarised``) every member with the big
-    ones summarised: ``messages`` as its roles (for validation), the others as None. A summary is
-    never forwarded, never translated."""
+    ones summarised: ``messages`` as its roles (for validation), the others as ``UNREAD``. A summary
+    is never forwarded, never translated."""
 
     __slots__ = ("_whole", "big", "fixed_tokens", "head", "raw", "summarised", "verbatim")
 
@@ -110,11 +122,13 @@ def _read(raw: bytes, summarise: Callable[[Any], tuple[frozenset[str], str] | No
         return None
     plan = summarise(_value(doc["model"]) if "model" in doc else None)
     if plan is None:
-        return ClientBody(raw, doc.as_dict(), verbatim=True)
+        # Read whole for a translation (re-encoded anyway): its nested objects are not checked for
+        # a key written twice, so its text is not one to forward as written.
+        return ClientBody(raw, doc.as_dict())
     big, fmt = plan
     # Every object read here must have each key once (tokens.DuplicateKeys otherwise: read whole):
     # simdjson reads the first of two, orjson and many upstreams the last.
-    head: dict[str, Any] = {key: None if key in big else _value(_unique(doc[key])) for key in keys}
+    head: dict[str, Any] = {key: UNREAD if key in big else _value(_unique(doc[key])) for key in keys}
     fixed = tokens.fixed_outside_messages(doc, fmt)
     if "messages" in head:
         # One pass over the messages for both (a second walk over a simdjson array costs double).
@@ -149,7 +163,8 @@ def _roles_and_fixed(value: Any, fmt: str) -> tuple[Any, int]:
     """What validation reads of the messages (each object as its ``role`` alone, a string or None;
     anything else as None; not an array: None), and their images' and documents' estimates."""
     if not isinstance(value, simdjson.Array):
-        return (value if isinstance(value, str | int | float | bool) else None), 0
+        # Not an array: validation refuses it whatever it is (a fresh object: never the value).
+        return ({} if isinstance(value, simdjson.Object) else _value(value)), 0
     roles: list[Any] = []
     fixed = 0
     for item in value:

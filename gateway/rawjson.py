@@ -49,8 +49,11 @@ class _Fallback(Exception):
 def patched(body: ClientBody, after: dict[str, Any]) -> bytes:
     """``after`` as JSON bytes, where ``after`` is a shallow edit of ``body.head`` (members added,
     replaced or removed; nested values never changed in place)."""
-    before = body.head
-    replaced = [k for k, v in after.items() if k in before and not _same(v, before[k])]
+    before, big = body.head, body.big
+    # A summarised member stands for its value without being it: only the same object is unchanged.
+    replaced = [
+        k for k, v in after.items() if k in before and (v is not before[k] if k in big else not _same(v, before[k]))
+    ]
     removed = [k for k in before if k not in after]
     added = [k for k in after if k not in before]
     if not replaced and not removed and not added and body.verbatim:
