@@ -26,8 +26,8 @@ from typing import Any
 import orjson
 import simdjson
 
-from . import errors as E
 from . import tokens
+from .jsonbody import json_object
 
 __all__ = ["UNREAD", "ClientBody", "parse_body"]
 
@@ -98,13 +98,7 @@ def parse_body(raw: bytes, summarise: Callable[[Any], tuple[frozenset[str], str]
         read = None
     if read is not None:
         return read
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise E.BadRequest("Request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise E.BadRequest("Request body must be a JSON object.")
-    return ClientBody(raw, body)
+    return ClientBody(raw, json_object(raw))
 
 
 def _read(raw: bytes, summarise: Callable[[Any], tuple[frozenset[str], str] | None]) -> ClientBody | None:

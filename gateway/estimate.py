@@ -134,7 +134,7 @@ class PromptEstimate:
     the request ends), never copies; the cache it fills keeps none.
     """
 
-    __slots__ = ("_body", "_cache", "_cuts", "_exact", "_fmt", "_overhead", "_parts", "_size", "bound")
+    __slots__ = ("_body", "_cache", "_cuts", "_exact", "_fmt", "_overhead", "_parts", "bound")
 
     def __init__(
         self,
@@ -147,8 +147,7 @@ class PromptEstimate:
     ) -> None:
         # Either the parts already collected (``collected``) or the body to collect them from when
         # the exact count is asked for (or a function parsing it then: a summarised client body).
-        self.bound = bound
-        self._size = bound  # how large the text is, near enough to choose the loop or a thread
+        self.bound = bound  # also how large the text is, near enough to choose the loop or a thread
         self._cache = cache
         self._body = body
         self._fmt = fmt
@@ -185,7 +184,7 @@ class PromptEstimate:
         if isinstance(self._exact, int):
             return self._exact
         if self._exact is None:
-            if self._size <= tokens.ASYNC_THRESHOLD_CHARS:
+            if self.bound <= tokens.ASYNC_THRESHOLD_CHARS:
                 self._settle_exact(self.exact_now())
                 assert isinstance(self._exact, int)
                 return self._exact

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from . import errors as E
 
-__all__ = ["MAX_JSON_DEPTH", "check_depth", "read_json_object", "read_raw"]
+__all__ = ["MAX_JSON_DEPTH", "check_depth", "json_object", "read_json_object", "read_raw"]
 
 
 async def read_json_object(
@@ -20,13 +20,19 @@ async def read_json_object(
     raw = await read_raw(request, required=required, max_bytes=max_bytes)
     if not raw:
         return {}
+    body = json_object(raw)
+    check_depth(body)
+    return body
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """``raw`` parsed by orjson as an object, or the 400 every route gives (never quoting it)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise E.BadRequest("Request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise E.BadRequest("Request body must be a JSON object.")
-    check_depth(body)
     return body
 
 

@@ -116,21 +116,6 @@ def _carries_billing(openai: bool, event: str | None, data: bytes) -> bool:
     return event is None or event not in _TEXT_ONLY_EVENTS
 
 
-def _may_carry_billing(openai: bool, data: bytes) -> bool:
-    """Whether bytes of a passthrough stream (whole events, or the start of one) may hold an event
-    ``_carries_billing`` would parse; False is certain, True means look closer."""
-    if openai:
-        return b"[DONE]" in data or _has_member(data, b'"usage"', null_counts=False) or b'"error"' in data
-    # Anthropic: message_start / _delta / _stop, error; an event without an ``event:`` line (more
-    # data lines than event lines: a JSON string holds no raw newline, so neither can be faked);
-    # a carriage return, where lines may end without one: look closer.
-    if b"message_" in data or b"error" in data or b"\r" in data:
-        return True
-    data_lines = data.count(b"\ndata:") + data.startswith(b"data:")
-    event_lines = data.count(b"\nevent:") + data.startswith(b"event:")
-    return data_lines > event_lines
-
-
 def _marks(whole: bytes, openai: bool) -> list[int] | None:
     """Where in whole events (``\n`` line ends) an event may carry usage, an error or the end: the
     positions of its marks; None: every event may (look at all)."""
@@ -165,10 +150,11 @@ def _marks(whole: bytes, openai: bool) -> list[int] | None:
 
 
 def _marked_blocks(whole: bytes, openai: bool) -> list[bytes]:
-    """The blocks (events without their blank line) of ``whole`` holding a mark, in order."""
+    """The blocks (events without their blank line) of ``whole`` holding a mark, in order; most
+    often none (the text between the usage, the errors and the end)."""
     marks = _marks(whole, openai)
-    if marks is None:
-        return whole.split(b"\n\n")
+    if not marks:
+        return [] if marks is not None else whole.split(b"\n\n")
     starts: dict[int, int] = {}
     for at in marks:
         start = whole.rfind(b"\n\n", 0, at)
@@ -202,8 +188,6 @@ class BillingEvents:
                 self._unread = data
                 return []
             whole, self._unread = data[: cut + 2], data[cut + 2 :]
-            if not _may_carry_billing(openai, whole):
-                return []
             out = []
             for block in _marked_blocks(whole, openai):
                 ev = event_of_block(block)
