@@ -35,6 +35,12 @@ class _Formatter(logging.Formatter):
 
 
 def _logging(level: str) -> None:
+    # A line a request is logged: leave out what the format never prints (logging's documented
+    # optimisations): the caller's file and line, the thread's and the process's names.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])

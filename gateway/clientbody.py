@@ -11,7 +11,9 @@ client format: messages, tools, system) only as what validation reads. The whole
 from the bytes only when something needs it: an exact token count (a hold the bound does not fit,
 the no-usage fallback) or a member the route replaces (see ``gateway.rawjson``).
 
-A translated route gets the whole object (simdjson builds it faster than orjson). A body simdjson
+A short text (under ``WHOLE_BELOW_BYTES``, as the proxy calls it) is parsed whole by orjson and
+encoded whole when it goes upstream: cheaper than summarising it. A translated route gets the whole
+object (simdjson builds a large one faster than orjson). A body simdjson
 refuses (orjson may not: an integer past 64 bits) or with a top-level key written twice is parsed
 whole by orjson, with the same 400s as ever, and is never forwarded as written (``verbatim``): an
 upstream reading the first of two ``max_tokens`` would overrun a hold made for the last. A simdjson
@@ -29,7 +31,11 @@ import simdjson
 from . import tokens
 from .jsonbody import json_object
 
-__all__ = ["UNREAD", "ClientBody", "parse_body"]
+__all__ = ["UNREAD", "WHOLE_BELOW_BYTES", "ClientBody", "parse_body"]
+
+# Below this a body is parsed whole by orjson (and encoded whole when it goes upstream): for a short
+# text that costs less than summarising it with simdjson (a parser each, then Python per object).
+WHOLE_BELOW_BYTES = 16 * 1024
 
 
 class _Unread:
@@ -88,10 +94,14 @@ class ClientBody:
         return self._whole
 
 
-def parse_body(raw: bytes, summarise: Callable[[Any], tuple[frozenset[str], str] | None]) -> ClientBody:
+def parse_body(
+    raw: bytes, summarise: Callable[[Any], tuple[frozenset[str], str] | None], *, whole_below: int = 0
+) -> ClientBody:
     """``raw`` as a ClientBody. ``summarise`` gets the body's ``model`` member (any JSON value) and
     answers the big members to leave unread and the token-count format of the request ("openai" or
-    "anthropic"), or None: parse it whole."""
+    "anthropic"), or None: parse it whole. A text shorter than ``whole_below`` is parsed whole."""
+    if len(raw) < whole_below:
+        return ClientBody(raw, json_object(raw))
     try:
         read = _read(raw, summarise)
     except (ValueError, RuntimeError, KeyError):  # simdjson refused (a key with a NUL), a key twice

@@ -32,7 +32,7 @@ from ledger.spool import Spool, Spooled
 from . import errors as E
 from .appkeys import REQUEST_ID
 from .auth import REVOKED, KeyCache, authenticate_cached
-from .clientbody import ClientBody, parse_body
+from .clientbody import WHOLE_BELOW_BYTES, ClientBody, parse_body
 from .exchange import Exchange, bill_for, bill_now
 from .formats import FORMATS, ClientFormat, Outgoing, ReplyContext
 from .jsonbody import check_depth, read_raw
@@ -145,7 +145,7 @@ class Proxy:
     async def _handle(self, request: web.Request, client: ClientFormat) -> web.StreamResponse:
         key, key_hash = await authenticate_cached(request, self.ledger, self.key_cache)
         raw = await read_raw(request)
-        body = parse_body(raw, lambda name: self._summary_plan(client, name))
+        body = parse_body(raw, lambda name: self._summary_plan(client, name), whole_below=WHOLE_BELOW_BYTES)
         intake = client.intake(body.head)
         model = self._model(intake.model_name)
         route = client.routes[model.provider.format]
@@ -177,7 +177,11 @@ class Proxy:
         max_tokens = requested_out
         if held < ceiling and prices.out > 0:
             if not prompt.is_exact:
-                input_cost = _cost(await prompt.exact(), input_price)  # less input, more output
+                try:
+                    input_cost = _cost(await prompt.exact(), input_price)  # less input, more output
+                except asyncio.CancelledError:
+                    self._in_background(self._release_abandoned(key.account_id, request_id))  # held
+                    raise
             # Lower the output cap to what the balance affords rather than refuse.
             max_tokens = max(useful, min(requested_out, (held - input_cost) * 1_000_000 // prices.out))
         ex = Exchange(
@@ -226,8 +230,8 @@ class Proxy:
     async def _reserve(
         self, account_id: str, key_id: str, key_hash: str, request_id: str, ceiling: int, minimum: int
     ) -> int:
-        reservation = asyncio.ensure_future(
-            self.ledger.reserve(
+        try:
+            return await self.ledger.reserve(
                 account_id,
                 request_id,
                 ceiling,
@@ -236,12 +240,11 @@ class Proxy:
                 concurrency_limit=self.settings.key_concurrency_limit,
                 key_hash=key_hash,
             )
-        )
-        try:
-            # Shielded: a client leaving right now must not strand a hold that Redis already made.
-            return await asyncio.shield(reservation)
         except asyncio.CancelledError:
-            self._in_background(self._release_when_made(reservation, account_id, request_id))
+            # The client left while the reserve was on its way: Redis may still make the hold. The
+            # release follows it (on the script lane, in order; if it overtakes it on another
+            # connection, release.lua leaves the request finished and the reserve holds nothing).
+            self._in_background(self._release_abandoned(account_id, request_id))
             raise
         except LE.UnknownKey:
             self.key_cache.drop(key_hash)  # revoked since it was cached: the reserve script said so
@@ -252,15 +255,11 @@ class Proxy:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _release_when_made(self, reservation: asyncio.Future[int], account_id: str, request_id: str) -> None:
-        try:
-            await reservation
-        except Exception:
-            return  # refused or failed: nothing is held
+    async def _release_abandoned(self, account_id: str, request_id: str) -> None:
         try:
             await self.ledger.release(account_id, request_id, reason="client_disconnect")
         except Exception as exc:
-            # The worker's stale sweep releases it after its deadline.
+            # A hold made all the same is released by the worker's stale sweep after its deadline.
             log.warning("release failed request_id=%s error=%s", request_id, type(exc).__name__)
 
     # ----- upstream -------------------------------------------------------------------------------

@@ -290,15 +290,19 @@ async def test_the_known_500s_are_4xx_that_change_nothing(
                 assert await post("/v1/messages", body, anthropic) in (200, 400)
         assert await post("/v1/chat/completions", orjson.dumps(base), auth) == 200  # the key still works
         # JSON nested 100-1024 deep (orjson reads it; translation and counting would recurse past the
-        # limit): a 400 where the body is translated or counted; a same-format request is forwarded
-        # as the client wrote it (nothing of ours walks it), and the upstream judges it.
+        # limit): a 400 where the body is translated or counted; a same-format request of an agent's
+        # size is forwarded as the client wrote it (nothing of ours walks it), and the upstream
+        # judges it; a short one is read whole and encoded again, which orjson does to 254 levels.
+        padded = {**base, "messages": [{"role": "user", "content": "x " * 10_000}]}
         for depth in (100, 255, 600, 1024):
             deep = b'{"a":[' * (depth // 2) + b"1" + b"]}" * (depth // 2)
             body = orjson.dumps({**base, "tools": "@"}).replace(b'"@"', deep)
             for path in ("/v1/messages", "/v1/messages/count_tokens"):
                 assert await post(path, body, {**auth, "anthropic-version": "2023-06-01"}) == 400, (depth, path)
             # (past orjson's own limit of 1,024 levels it is not JSON we can read: 400)
-            assert await post("/v1/chat/completions", body, auth) == (200 if depth < 1024 else 400), depth
+            assert await post("/v1/chat/completions", body, auth) == (200 if depth < 255 else 400), depth
+            long_body = orjson.dumps({**padded, "tools": "@"}).replace(b'"@"', deep)
+            assert await post("/v1/chat/completions", long_body, auth) == (200 if depth < 1024 else 400), depth
         # A gzip Content-Encoding on a body that is not gzip.
         for path in ("/v1/chat/completions", "/v1/messages/count_tokens", "/api/account/low-balance"):
             headers = {**auth, **p.csrf, "Content-Encoding": "gzip", "anthropic-version": "2023-06-01"}

@@ -352,6 +352,21 @@ async def test_release_returns_every_micro_unit_to_its_bucket(ledger: Ledger) ->
     await conserved(ledger)
 
 
+async def test_a_release_that_overtakes_its_reserve_leaves_the_request_finished(ledger: Ledger) -> None:
+    # The proxy releases a request whose client left while its reserve was on the way; on another
+    # connection the release may reach Redis first. The late reserve must then hold nothing.
+    acct = await new_account(ledger)
+    await ledger.credit(acct, 100, reference="a", source="grant")
+    rid = req(acct)
+    assert await ledger.release(acct, rid, reason="client_disconnect") == 0
+    with pytest.raises(LedgerError, match="already finished"):
+        await ledger.reserve(acct, rid, 70)
+    info = await ledger.account(acct)
+    assert info is not None and (info.reserved, info.consumed) == (0, 0)
+    assert (await ledger.balance(acct)).available_micro == 100
+    await conserved(ledger)
+
+
 async def test_release_into_an_expired_bucket_forfeits_at_once(ledger: Ledger, clock: Clock) -> None:
     acct = await new_account(ledger)
     now = ledger.now_ms()

@@ -10,6 +10,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.clientbody import WHOLE_BELOW_BYTES
 from gateway.sse import SSEParser
 from gateway.usage import Usage, charge_micro
 from ledger.keys import Keyspace
@@ -82,8 +83,13 @@ async def test_a_same_format_body_goes_upstream_as_the_clients_own_bytes(gw: Gat
     key = await gw.funded_key(100)
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     body = chat(stream=True, stream_options={"include_usage": True}, temperature=0.5)
-    body["messages"] = [{"role": "user", "content": "Sawasdee \u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35 \"hi\""}]
+    body["messages"] = [
+        {"role": "user", "content": "Sawasdee \u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35 \"hi\""},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "def f(x):\n    return x\n" * 800},  # an agent's size, past WHOLE_BELOW_BYTES
+    ]
     raw = json.dumps(body, indent=1).encode()
+    assert len(raw) >= WHOLE_BELOW_BYTES
     async with gw.http.post(gw.url + "/v1/chat/completions", data=raw, headers=headers) as r:
         assert r.status == 200
         await r.read()
@@ -103,6 +109,16 @@ async def test_a_same_format_body_goes_upstream_as_the_clients_own_bytes(gw: Gat
         await r.read()
     assert fake.requests[-1].body["model"] == "deepseek-upstream"
     assert fake.requests[-1].body["messages"] == body["messages"]
+    # A short body is read whole (cheaper than summarising it) and sent once as parsed, as orjson
+    # writes it: a key written twice goes up once, with the value the gateway read.
+    short = b'{"model": "gpt-test", "max_tokens": 64, "max_tokens": 32, "stream": true,' \
+        b' "messages": [{"role": "user", "content": "hi"}]}'
+    async with gw.http.post(gw.url + "/v1/chat/completions", data=short, headers=headers) as r:
+        assert r.status == 200
+        await r.read()
+    assert fake.requests[-1].raw == orjson.dumps(
+        {**orjson.loads(short), "stream_options": {"include_usage": True}}
+    )
     await gw.settled()
     await gw.reconcile_ok()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from gateway import tokens
 from gateway.middlewares import new_request_id
 from gateway.sse import DONE, SSEEvent, SSEParser
 from gateway.usage import Usage, charge_micro
+from ledger.connection import redis_client
 from ledger.journal import JournalWorker
 from ledger.keys import Keyspace
 from ledger.ledger import RESERVATION_TTL_S, Ledger
@@ -24,6 +27,7 @@ from ledger.reconcile import reconcile
 from ledger.store import Store
 from tests.fakes.upstream import FakeUpstream, FakeUsage, Script
 from tests.gateway_harness import Gateway, running_gateway
+from tests.process_harness import RedisServer
 
 # Also on a real Redis Cluster (tests/conftest.py).
 ON_CLUSTER = True
@@ -674,3 +678,55 @@ async def test_concurrent_streams_never_overdraw_and_every_charge_is_accounted(
         bal = await gw.ledger.balance(account)
         assert bal.available_micro == funds - charged >= 0
         await gw.reconcile_ok()
+
+
+async def test_a_client_that_leaves_while_its_reserve_waits_for_redis_holds_nothing(
+    tmp_path: Path, fake: FakeUpstream
+) -> None:
+    # The reserve is sent, Redis is stopped (SIGSTOP) before it answers, the client gives up: the
+    # handler is cancelled with the hold still to be made. Once Redis runs again the hold is made
+    # and released at once, not left until the worker's stale sweep.
+    server = RedisServer(tmp_path / "redis", aof=False)
+    server.start()
+    client = redis_client(server.url)
+    keyspace = Keyspace(prefix="leaves")
+    try:
+        async with running_gateway(client, keyspace, tmp_path, fake) as gw:
+            key = await gw.funded_key(100)
+            account = await gw.account_of(key)
+            body = body_for("openai", "gpt-test", stream=True)
+            async with gw.http.post(gw.url + "/v1/chat/completions", json=body, headers=headers_for("openai", key)) as r:
+                assert r.status == 200  # warm: the key cached, the script lane connected
+                await r.read()
+            await gw.settled(1)
+            assert server.proc is not None
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(asyncio.TimeoutError):
+                    async with aiohttp.ClientSession() as other:
+                        await other.post(
+                            gw.url + "/v1/chat/completions",
+                            json=body,
+                            headers=headers_for("openai", key),
+                            timeout=aiohttp.ClientTimeout(total=0.5),
+                        )
+                await asyncio.sleep(0.3)  # the server sees the connection close and cancels
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            outcomes = []
+            for _ in range(100):
+                bal = await gw.ledger.balance(account)
+                outcomes = [
+                    await client.hget(k, "outcome") async for k in client.scan_iter(match="*rd:*")  # (its own Redis)
+                ]
+                if bal.reserved_micro == 0 and len(outcomes) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert bal.reserved_micro == 0
+            assert sorted(outcomes) == ["released", "settled"]  # the second request's hold came and went
+            assert len(await gw.metering(account)) == 1  # it never reached the upstream
+            assert len(fake.requests) == 1
+            await gw.reconcile_ok()
+    finally:
+        await client.aclose()
+        server.kill()

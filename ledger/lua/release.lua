@@ -1,6 +1,8 @@
 -- Abandon a reservation: every micro-unit goes back to the bucket it came from.
 -- KEYS[1] shard journal   ARGV: request_id, account_id, now_ms, reason, done_ttl_s
 -- Returns {'ok', held} | {'exists'} (already settled or released) | {'unknown'}
+-- An unknown request is left finished: a release that overtook its own reserve (a client that
+-- left while the reserve was on its way, on another connection) makes that reserve hold nothing.
 local PFX = string.sub(KEYS[1], 1, -2)
 if not whole(PFX) then return {'no_ledger'} end
 local req, acct, now, reason = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
@@ -8,7 +10,10 @@ local done_ttl = tonumber(ARGV[5]) or 604800
 local r = k_resv(PFX, req)
 local held = redis.call('HGET', r, 'held')
 if not held then
-  if redis.call('EXISTS', k_done(PFX, req)) == 1 then return {'exists'} end
+  local done_key = k_done(PFX, req)
+  if redis.call('EXISTS', done_key) == 1 then return {'exists'} end
+  redis.call('HSET', done_key, 'outcome', 'released')
+  redis.call('EXPIRE', done_key, done_ttl)
   return {'unknown'}
 end
 held = tonumber(held)
