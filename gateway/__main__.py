@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -46,6 +47,18 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=level, handlers=[handler])
     # aiohttp's access log prints the full request line (query strings included): ours logs ids only.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _tune_gc() -> None:
+    """Once the server is up: what start-up built (modules, the app, the registry: ~80k objects)
+    moves out of the collector's sight, and the young generation is collected every 20,000
+    allocations rather than every 700. Measured under load (c=256): the collector's passes cost
+    ~30 us a request, most of it walking objects that live as long as the process; a request's
+    garbage is freed by reference counting, the collector only finds cycles (asyncio makes a few a
+    request, kept at most a few MB longer)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 def startup_warnings(settings: Settings) -> list[str]:
@@ -104,6 +117,7 @@ async def serve(settings: Settings) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()
+    _tune_gc()
     port = runner.addresses[0][1] if runner.addresses else settings.port
     for warning in startup_warnings(settings):
         log.warning("%s", warning)

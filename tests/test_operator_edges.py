@@ -111,3 +111,13 @@ def test_log_lines_keep_the_standard_time_stamp() -> None:
         record = logging.LogRecord("gateway.proxy", logging.INFO, __file__, 1, "settled n=%d", (3,), None)
         record.created, record.msecs = created, (created - int(created)) * 1000
         assert ours.format(record) == standard.format(record)
+
+
+def test_the_web_process_keeps_its_start_up_objects_out_of_the_collectors_passes() -> None:
+    # Run in a child: freezing is process-wide and would change the collector for the other tests.
+    code = (
+        "import gc; from gateway.__main__ import _tune_gc; before = gc.get_freeze_count(); _tune_gc(); "
+        "print(before, gc.get_freeze_count() > 10_000, gc.get_threshold())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split(maxsplit=1) == ["0", "True (20000, 20, 20)\n"]
