@@ -3,11 +3,12 @@ per-command machinery.
 
 Every request makes two script calls (reserve, settle). Through redis-py each costs ~80-90 us of CPU
 (connection pool, retry wrapper, timeouts, a reply parser reading line by line); here ~15 us: calls
-from every request share one connection, are written together once per loop iteration, and their
-replies are parsed from whole reads, in order.
+from every request share one connection, are written at once when none is waiting for its reply
+(one request at a time) or else together once per loop iteration, and their replies are parsed as
+they arrive, in the transport's own callback (no reader task to wake), in order.
 
 The connection is made by redis-py itself (``pool.make_connection()``: TLS, AUTH, HELLO, SELECT as the
-URL says; one try, without the pool's retries), then only its streams are used. The lane is an
+URL says; one try, without the pool's retries), then its transport is taken over. The lane is an
 optimisation, never a second behaviour: a lost connection, a timeout or NOSCRIPT raises
 ``LaneUnavailable`` and the caller runs the same call through redis-py, whose reload, retries,
 reconnection and exceptions apply as before. The scripts are idempotent on their ids, so a call the
@@ -60,7 +61,8 @@ class ScriptLane:
         self._timeout_s = timeout_s
         self._conn: Any = None
         self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._protocol: _LaneProtocol | None = None
+        self._buf = b""  # the start of a reply not wholly read yet
         self._connecting: asyncio.Future[None] | None = None
         # Calls written and not answered yet, in order: (future, monotonic time sent).
         self._pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
@@ -81,9 +83,18 @@ class ScriptLane:
             raise LaneUnavailable("not connected")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not self._out:
+        command = _pack(("EVALSHA", sha, "1", key, *args))
+        if self._out:
+            self._out.append(command)  # a write is already planned for this loop iteration
+        elif self._pending:
+            self._out.append(command)  # others are in flight: calls made meanwhile go together
             loop.call_soon(self._flush)
-        self._out.append(_pack(("EVALSHA", sha, "1", key, *args)))
+        else:
+            try:
+                writer.write(command)  # the only one: nothing to wait for
+            except Exception:
+                self._broken(LaneUnavailable("write failed"))
+                raise LaneUnavailable("write failed") from None
         self._pending.append((future, time.monotonic()))
         if self._watchdog is None:
             self._watchdog = loop.call_later(1.0, self._watch)
@@ -91,14 +102,11 @@ class ScriptLane:
 
     async def aclose(self) -> None:
         self._closed = True
-        task = self._reader_task
         self._broken(LaneUnavailable("closed"))
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        if task is not None:
-            with contextlib.suppress(BaseException):
-                await task
+        await asyncio.sleep(0)  # the transport's close runs its callbacks on the next iteration
 
     # ----- connection ----------------------------------------------------------------------------
     async def _connect(self) -> None:
@@ -120,8 +128,12 @@ class ScriptLane:
                 raise LaneUnavailable("no streams")
             if self._closed:
                 raise LaneUnavailable("closed")
-            self._conn, self._writer = conn, writer
-            self._reader_task = loop.create_task(self._read(reader))
+            if reader.at_eof() or getattr(reader, "_buffer", b""):
+                raise LaneUnavailable("unread bytes after the handshake")
+            # Replies are read by our callback from here on; redis-py's reader sees nothing more.
+            protocol = _LaneProtocol(self)
+            writer.transport.set_protocol(protocol)
+            self._conn, self._writer, self._protocol, self._buf = conn, writer, protocol, b""
         except BaseException as exc:
             if conn is not None and conn is not self._conn:
                 _drop(conn)
@@ -143,41 +155,38 @@ class ScriptLane:
         except Exception:
             self._broken(LaneUnavailable("write failed"))
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        buf = b""
+    def _received(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        pos = 0
         try:
-            while True:
-                data = await reader.read(1 << 16)
-                if not data:
-                    self._broken(LaneUnavailable("connection closed"))
+            while pos < len(buf):
+                try:
+                    value, pos = _parse(buf, pos)
+                except _Incomplete:
+                    break
+                if isinstance(value, _Push):
+                    continue  # out of band (RESP3 push): not a reply to any call
+                if not self._pending:
+                    self._broken(LaneUnavailable("unexpected reply"))
                     return
-                buf = buf + data if buf else data
-                pos = 0
-                while pos < len(buf):
-                    try:
-                        value, pos = _parse(buf, pos)
-                    except _Incomplete:
-                        break
-                    if isinstance(value, _Push):
-                        continue  # out of band (RESP3 push): not a reply to any call
-                    if not self._pending:
-                        self._broken(LaneUnavailable("unexpected reply"))
-                        return
-                    future, _ = self._pending.popleft()
-                    if future.done():
-                        continue  # its caller went away; the reply is consumed all the same
-                    if isinstance(value, _ErrorReply):
-                        if value.message.startswith("NOSCRIPT"):
-                            future.set_exception(LaneUnavailable("NOSCRIPT"))  # redis-py reloads it
-                        else:
-                            future.set_exception(_parse_error(value.message))
+                future, _ = self._pending.popleft()
+                if future.done():
+                    continue  # its caller went away; the reply is consumed all the same
+                if isinstance(value, _ErrorReply):
+                    if value.message.startswith("NOSCRIPT"):
+                        future.set_exception(LaneUnavailable("NOSCRIPT"))  # redis-py reloads it
                     else:
-                        future.set_result(value)
-                buf = buf[pos:]
-        except asyncio.CancelledError:
-            raise
+                        future.set_exception(_parse_error(value.message))
+                else:
+                    future.set_result(value)
         except Exception:
             self._broken(LaneUnavailable("read failed"))
+            return
+        self._buf = buf[pos:]
+
+    def _lost(self, protocol: _LaneProtocol) -> None:
+        if protocol is self._protocol:
+            self._broken(LaneUnavailable("connection closed"))
 
     def _watch(self) -> None:
         self._watchdog = None
@@ -198,9 +207,7 @@ class ScriptLane:
                 writer.close()
         if conn is not None:
             conn._reader = conn._writer = None  # closed above; redis-py must not reuse them
-        task, self._reader_task = self._reader_task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        self._protocol, self._buf = None, b""
         self._fail(exc)
 
     def _fail(self, exc: LaneUnavailable) -> None:
@@ -208,6 +215,24 @@ class ScriptLane:
         for future, _ in pending:
             if not future.done():
                 future.set_exception(exc)
+
+
+class _LaneProtocol(asyncio.Protocol):
+    """The lane's connection, once redis-py's handshake is done: bytes go straight to the lane."""
+
+    def __init__(self, lane: ScriptLane) -> None:
+        self._lane = lane
+
+    def data_received(self, data: bytes) -> None:
+        if self._lane._protocol is self:
+            self._lane._received(data)
+
+    def eof_received(self) -> bool:
+        self._lane._lost(self)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lane._lost(self)
 
 
 def _drop(conn: Any) -> None:
