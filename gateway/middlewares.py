@@ -34,7 +34,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _Randomness:
-    """The system's randomness read 4 KiB at a time: a request id's 6 bytes were a system call each.
+    """The system's randomness read 4,092 bytes (682 ids) at a time: an id's 6 bytes were a system call each.
     Only the event loop's thread asks; a forked child starts with none of its parent's bytes."""
 
     __slots__ = ("_at", "_pool")

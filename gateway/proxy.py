@@ -179,7 +179,7 @@ class Proxy:
             if not prompt.is_exact:
                 try:
                     input_cost = _cost(await prompt.exact(), input_price)  # less input, more output
-                except asyncio.CancelledError:
+                except BaseException:
                     self._in_background(self._release_abandoned(key.account_id, request_id))  # held
                     raise
             # Lower the output cap to what the balance affords rather than refuse.

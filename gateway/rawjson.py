@@ -38,7 +38,8 @@ MAX_VALUE_BYTES = 4096
 # Nested look-alikes of a key tried before giving up (each costs a parse of part of the text).
 _MAX_CANDIDATES = 8
 # Below this a text with a member replaced or removed is parsed and encoded whole: cheaper than
-# proving where the member is.
+# proving where the member is. (The proxy summarises only bodies of clientbody.WHOLE_BELOW_BYTES
+# and more, so its verbatim bodies are always spliced.)
 SPLICE_MIN_BYTES = 8 * 1024
 
 

@@ -106,7 +106,7 @@ class ScriptLane:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        await asyncio.sleep(0)  # the transport's close runs its callbacks on the next iteration
+        await asyncio.sleep(0)  # a plain transport's close calls back on the next iteration
 
     # ----- connection ----------------------------------------------------------------------------
     async def _connect(self) -> None:
@@ -173,10 +173,15 @@ class ScriptLane:
                 if future.done():
                     continue  # its caller went away; the reply is consumed all the same
                 if isinstance(value, _ErrorReply):
+                    error: Exception
                     if value.message.startswith("NOSCRIPT"):
-                        future.set_exception(LaneUnavailable("NOSCRIPT"))  # redis-py reloads it
+                        error = LaneUnavailable("NOSCRIPT")  # redis-py reloads it
                     else:
-                        future.set_exception(_parse_error(value.message))
+                        try:
+                            error = _parse_error(value.message)
+                        except Exception:  # (its caller is answered whatever happens here)
+                            error = ResponseError(value.message)
+                    future.set_exception(error)
                 else:
                     future.set_result(value)
         except Exception:

@@ -120,4 +120,4 @@ def test_the_web_process_keeps_its_start_up_objects_out_of_the_collectors_passes
         "print(before, gc.get_freeze_count() > 10_000, gc.get_threshold())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split(maxsplit=1) == ["0", "True (20000, 20, 20)\n"]
+    assert out.split(maxsplit=1) == ["0", "True (10000, 10, 10)\n"]
