@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -35,6 +36,57 @@ class _Formatter(logging.Formatter):
         return f"{self._second[1]},{int(record.msecs):03d}"
 
 
+class _GatheredLines(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr, with lines below WARNING gathered on the event loop's thread and written together at
+    most FLUSH_S later: a line a request was a write(2) a request. A warning or an error is written at
+    once, after the lines gathered before it; so is every line from another thread or outside a
+    loop, and whatever is gathered when logging shuts down (at exit). A process killed with -9
+    loses at most FLUSH_S of info lines, never a warning."""
+
+    FLUSH_S = 0.05
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._gathered: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # (a loop that stopped plans nothing)
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with the handler's lock held
+        try:
+            self._gathered.append(self.format(record) + self.terminator)
+            if record.levelno < logging.WARNING:
+                if self._timer is not None and self._timer_loop is not None and self._timer_loop.is_running():
+                    return  # a write is planned
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    loop = None  # not on a loop's thread: written now
+                if loop is not None:
+                    self._timer, self._timer_loop = loop.call_later(self.FLUSH_S, self._planned), loop
+                    return
+            self._write()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _planned(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._timer = None
+            self._write()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write()
+
+    def _write(self) -> None:
+        # (A planned write still runs: it finds nothing. Another thread never touches the timer.)
+        lines, self._gathered = self._gathered, []
+        if lines:
+            self.stream.write("".join(lines))
+        super().flush()
+
+
 def _logging(level: str) -> None:
     # A line a request is logged: leave out what the format never prints (logging's documented
     # optimisations): the caller's file and line, the thread's and the process's names.
@@ -42,7 +94,7 @@ def _logging(level: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _GatheredLines(sys.stderr)
     handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
     # aiohttp's access log prints the full request line (query strings included): ours logs ids only.

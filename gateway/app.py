@@ -6,6 +6,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -211,14 +212,16 @@ async def _on_shutdown(app: web.Application) -> None:
 async def _drain(app: web.Application, proxy: Proxy) -> None:
     loop = asyncio.get_running_loop()
     deadline = proxy.shutdown_deadline or loop.time() + app[SETTINGS].shutdown_grace_s
-    background: set[asyncio.Task[None]] = app[BACKGROUND]
-    pending = list(background)
-    if pending:
-        _, late = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time() - 0.2))
-        for task in late:
-            task.cancel()  # a settlement cancelled here spools itself
+    background: set[asyncio.Future[Any]] = app[BACKGROUND]
+    # Again while new ones appear: a settlement the script lane could not answer goes on in a task
+    # started from its callback.
+    while background:
+        _, late = await asyncio.wait(list(background), timeout=max(0.0, deadline - loop.time() - 0.2))
         if late:
+            for task in late:
+                task.cancel()  # a settlement cancelled here spools itself
             await asyncio.wait(late, timeout=1.0)
+            break
 
 
 async def _replay_briefly(spool: Spool, ledger: Ledger) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -48,7 +48,8 @@ HTTP = web.AppKey("http", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", Metrics)
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
 # Settlements and other work that must finish even when the request that started it is cancelled.
-BACKGROUND = web.AppKey("background", set[asyncio.Task[None]])
+# Pending settlements (and releases): tasks, or a script lane's futures (gateway.proxy).
+BACKGROUND = web.AppKey("background", set[asyncio.Future[Any]])
 # Embedded default only: the demo account and its freshly issued key, for the start-up banner.
 DEMO = web.AppKey("demo", tuple[str, str])
 AUTH_THROTTLE = web.AppKey("auth_throttle", AuthThrottle)

@@ -10,6 +10,7 @@ and releases the rest.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -73,7 +74,7 @@ class Proxy:
         ledger: Ledger,
         http: aiohttp.ClientSession,
         metrics: Metrics,
-        background: set[asyncio.Task[None]],
+        background: set[asyncio.Future[Any]],
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -222,10 +223,10 @@ class Proxy:
             self.live.pop(request_id, None)
             self.exchanges.pop(request_id, None)
             # Settle off the response path: a non-streamed answer goes out now, and a keep-alive
-            # connection's next request does not queue behind this one's Redis round trip. The task
-            # is not tied to this handler, so a cancellation (client gone) cannot stop it; shutdown
-            # waits for every pending settlement.
-            self._in_background(self._settle(ex))
+            # connection's next request does not queue behind this one's Redis round trip. Nothing
+            # tied to this handler, so a cancellation (client gone) cannot stop it; shutdown waits
+            # for every pending settlement.
+            self._settle_soon(ex)
 
     async def _reserve(
         self, account_id: str, key_id: str, key_hash: str, request_id: str, ceiling: int, minimum: int
@@ -420,6 +421,50 @@ class Proxy:
             self.metrics.active_streams -= 1
 
     # ----- settlement -----------------------------------------------------------------------------
+    def _settle_soon(self, ex: Exchange) -> None:
+        """The common case without a task: the upstream reported its whole usage (or nothing was
+        produced), so the bill is known now, and the script lane takes the settle call at once; its
+        reply is handled in a callback. Anything else (an exact count to make, the lane not there or
+        failing) goes the awaiting way, ``_settle``, with its retries and its spool."""
+        tracker = ex.tracker
+        if ex.status == "bad_request" or (
+            (ex.produced or tracker.usage is not None) and (not tracker.complete or tracker.needs_prompt_estimate)
+        ):
+            self._in_background(self._settle(ex))
+            return
+        try:
+            bill = bill_now(ex, self.ledger.now_ms)  # no counting here: the usage is the upstream's
+            started = self.ledger.settle_started(
+                bill.account_id, bill.request_id, bill.charge_micro, metering=bill.metering
+            )
+        except Exception:
+            started = None  # (the awaiting way meets the same trouble, and logs it)
+        if started is None:
+            self._in_background(self._settle(ex))
+            return
+        self.background.add(started)
+        started.add_done_callback(functools.partial(self._settle_answered, ex, bill))
+
+    def _settle_answered(self, ex: Exchange, bill: Spooled, started: asyncio.Future[Any]) -> None:
+        self.background.discard(started)
+        if started.cancelled():
+            self._to_spool(bill, "shutdown")  # shutdown's deadline came first
+            return
+        try:
+            settlement = self.ledger.settlement_of(started.result())
+        except (RedisConnectionError, RedisTimeoutError):
+            self._in_background(self._settle_bill(ex, bill))  # retried, as the awaiting way does
+            return
+        except (LE.LedgerLost, RedisError) as exc:
+            self._to_spool(bill, type(exc).__name__)
+            return
+        except Exception:
+            # The lane could not answer (LaneUnavailable, ...): the same bill the awaiting way
+            # (idempotent on the request id), with its retries and its spool.
+            self._in_background(self._settle_bill(ex, bill))
+            return
+        self._settled(ex, bill, settlement)
+
     async def _settle(self, ex: Exchange) -> None:
         try:
             if ex.status == "bad_request":
@@ -433,6 +478,9 @@ class Proxy:
             # The reservation stays; the worker releases it after its deadline. Ids only in the log.
             log.error("settle failed request_id=%s error=%s", ex.request_id, type(exc).__name__)
             return
+        await self._settle_bill(ex, bill)
+
+    async def _settle_bill(self, ex: Exchange, bill: Spooled) -> None:
         try:
             settlement = await self._settle_with_retry(bill)
         except asyncio.CancelledError:
@@ -445,6 +493,9 @@ class Proxy:
         except Exception as exc:
             log.error("settle failed request_id=%s error=%s", ex.request_id, type(exc).__name__)
             return
+        self._settled(ex, bill, settlement)
+
+    def _settled(self, ex: Exchange, bill: Spooled, settlement: Settlement) -> None:
         m = bill.metering
         self.metrics.usage(
             ex.model.name, m["input_cache_hit_tokens"], m["input_cache_miss_tokens"], m["output_tokens"],

@@ -6,6 +6,7 @@ id), so a retry after a timeout answers "exists" and never moves money twice.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -454,10 +455,31 @@ class Ledger:
     ) -> Settlement:
         """Charge the request; `metering` holds ids and counts only (it becomes the metering row)."""
         _check_amount(charge_micro, "charge")
-        res = await self._run(
-            "settle", account_id, request_id, account_id, charge_micro, self.now_ms(),
-            orjson.dumps(metering).decode(), self.done_ttl_s,
-        )
+        journal, args = self._settle_args(account_id, request_id, charge_micro, metering)
+        return self.settlement_of(await self._scripts("settle", journal, *args))
+
+    def settle_started(
+        self, account_id: str, request_id: str, charge_micro: int, *, metering: dict[str, Any]
+    ) -> asyncio.Future[Any] | None:
+        """``settle`` sent without waiting, where the script lane is connected: a future of the
+        script's reply, for ``settlement_of``; it fails with ``LaneUnavailable`` when the lane could
+        not answer (then ``settle``, idempotent on the request id). None: call ``settle``."""
+        _check_amount(charge_micro, "charge")
+        journal, args = self._settle_args(account_id, request_id, charge_micro, metering)
+        return self._scripts.start("settle", journal, *args)
+
+    def _settle_args(
+        self, account_id: str, request_id: str, charge_micro: int, metering: dict[str, Any]
+    ) -> tuple[str, tuple[str | int, ...]]:
+        """The settle script's journal key and arguments."""
+        args = (request_id, account_id, charge_micro, self.now_ms(), orjson.dumps(metering).decode(), self.done_ttl_s)
+        return self.keys.journal(K.shard_of(account_id)), args
+
+    @staticmethod
+    def settlement_of(res: list[Any]) -> Settlement:
+        """The settle script's reply as a Settlement (LedgerLost: Redis lost the ledger)."""
+        if res and res[0] == "no_ledger":
+            raise LedgerLost()
         return Settlement(
             charged_micro=int(res[1]),
             shortfall_micro=int(res[2]),

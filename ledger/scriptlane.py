@@ -5,7 +5,8 @@ Every request makes two script calls (reserve, settle). Through redis-py each co
 (connection pool, retry wrapper, timeouts, a reply parser reading line by line); here ~15 us: calls
 from every request share one connection, are written at once when none is waiting for its reply
 (one request at a time) or else together once per loop iteration, and their replies are parsed as
-they arrive, in the transport's own callback (no reader task to wake), in order.
+they arrive, in the transport's own callback (no reader task to wake), in order. ``start`` sends a
+call without waiting (the proxy's settlement: its reply is handled in a callback, no task a request).
 
 The connection is made by redis-py itself (``pool.make_connection()``: TLS, AUTH, HELLO, SELECT as the
 URL says; one try, without the pool's retries), then its transport is taken over. The lane is an
@@ -78,27 +79,31 @@ class ScriptLane:
             if time.monotonic() < self._retry_at:
                 raise LaneUnavailable("reconnecting later")
             await self._connect()
-        writer = self._writer
-        if writer is None:
+        future = self.start(sha, key, args)
+        if future is None:
             raise LaneUnavailable("not connected")
+        return await future
+
+    def start(self, sha: str, key: str, args: list[str]) -> asyncio.Future[Any] | None:
+        """The call written (or planned for this loop iteration) without waiting: its reply's future,
+        which fails with LaneUnavailable when the lane cannot answer; None when the lane is not
+        connected now (then ``evalsha`` or redis-py)."""
+        writer = self._writer
+        if writer is None or self._closed:
+            return None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        command = _pack(("EVALSHA", sha, "1", key, *args))
-        if self._out:
-            self._out.append(command)  # a write is already planned for this loop iteration
-        elif self._pending:
-            self._out.append(command)  # others are in flight: calls made meanwhile go together
-            loop.call_soon(self._flush)
+        in_flight = bool(self._pending)
+        self._out.append(_pack(("EVALSHA", sha, "1", key, *args)))
+        self._pending.append((future, time.monotonic()))  # (before a write that may fail them all)
+        if in_flight:
+            if len(self._out) == 1:
+                loop.call_soon(self._flush)  # others are in flight: calls made meanwhile go together
         else:
-            try:
-                writer.write(command)  # the only one: nothing to wait for
-            except Exception:
-                self._broken(LaneUnavailable("write failed"))
-                raise LaneUnavailable("write failed") from None
-        self._pending.append((future, time.monotonic()))
+            self._flush()  # the only one: nothing to wait for
         if self._watchdog is None:
             self._watchdog = loop.call_later(1.0, self._watch)
-        return await future
+        return future
 
     async def aclose(self) -> None:
         self._closed = True
@@ -151,7 +156,7 @@ class ScriptLane:
         if self._writer is None or not out:
             return
         try:
-            self._writer.write(b"".join(out))
+            self._writer.write(out[0] if len(out) == 1 else b"".join(out))
         except Exception:
             self._broken(LaneUnavailable("write failed"))
 

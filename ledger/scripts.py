@@ -9,6 +9,7 @@ script touches against the slot of its KEYS[1]).
 
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
 from typing import Any
 
@@ -60,6 +61,14 @@ class Scripts:
         script cache (SCRIPT LOAD is not replicated), which the NOSCRIPT fallback below covers."""
         for script in self._scripts.values():
             await self._redis.script_load(script.script)
+
+    def start(self, name: str, journal_key: str, *args: str | int) -> asyncio.Future[Any] | None:
+        """The call sent down the lane without waiting: its reply's future (failing with
+        LaneUnavailable when the lane cannot answer: then call it again the awaiting way); None when
+        there is no connected lane."""
+        if self.lane is None:
+            return None
+        return self.lane.start(self._scripts[name].sha, journal_key, [str(a) for a in args])
 
     async def __call__(self, name: str, journal_key: str, *args: str | int) -> Any:
         argv = [str(a) for a in args]

@@ -121,3 +121,34 @@ def test_the_web_process_keeps_its_start_up_objects_out_of_the_collectors_passes
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split(maxsplit=1) == ["0", "True (10000, 10, 10)\n"]
+
+
+def test_info_lines_are_written_together_soon_and_warnings_at_once_after_them() -> None:
+    # The web process's stderr: info lines gathered on the loop for at most FLUSH_S, then one
+    # write; a warning flushes what came before it, in order; at exit nothing is left behind.
+    code = """
+import asyncio, logging, os, sys, time
+from gateway.__main__ import _GatheredLines, _logging
+_logging("INFO")
+log = logging.getLogger("gateway.test")
+def mark(s): os.write(2, s.encode())  # straight to the fd, past any gathering
+async def main():
+    log.info("one")
+    log.info("two")
+    mark("|gathered|\\n")
+    await asyncio.sleep(_GatheredLines.FLUSH_S * 3)
+    mark("|slept|\\n")
+    log.info("three")
+    log.warning("four")
+    mark("|warned|\\n")
+    log.info("five")
+asyncio.run(main())
+log.info("six")  # no loop running now: written at once
+mark("|after loop|\\n")
+log.info("seven")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    order = [ln.split(" ", 4)[-1] if " gateway.test " in ln else ln for ln in p.stderr.splitlines()]
+    assert order == [
+        "|gathered|", "one", "two", "|slept|", "three", "four", "|warned|", "five", "six", "|after loop|", "seven",
+    ], p.stderr
