@@ -49,21 +49,20 @@ class _GatheredLines(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self._gathered: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_loop: asyncio.AbstractEventLoop | None = None  # (a loop that stopped plans nothing)
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:  # called with the handler's lock held
         try:
             self._gathered.append(self.format(record) + self.terminator)
             if record.levelno < logging.WARNING:
-                if self._timer is not None and self._timer_loop is not None and self._timer_loop.is_running():
-                    return  # a write is planned
                 try:
                     loop = asyncio.get_running_loop()
                 except RuntimeError:
                     loop = None  # not on a loop's thread: written now
                 if loop is not None:
-                    self._timer, self._timer_loop = loop.call_later(self.FLUSH_S, self._planned), loop
-                    return
+                    if self._timer is None or self._timer_loop is not loop:
+                        self._timer, self._timer_loop = loop.call_later(self.FLUSH_S, self._planned), loop
+                    return  # a write is planned on this loop
             self._write()
         except RecursionError:
             raise

@@ -214,14 +214,16 @@ async def _drain(app: web.Application, proxy: Proxy) -> None:
     deadline = proxy.shutdown_deadline or loop.time() + app[SETTINGS].shutdown_grace_s
     background: set[asyncio.Future[Any]] = app[BACKGROUND]
     # Again while new ones appear: a settlement the script lane could not answer goes on in a task
-    # started from its callback.
+    # started from its callback (even in the pass where the deadline comes). Past the deadline each
+    # round cancels what is left; a cancelled settlement spools itself and starts nothing new.
     while background:
         _, late = await asyncio.wait(list(background), timeout=max(0.0, deadline - loop.time() - 0.2))
         if late:
             for task in late:
-                task.cancel()  # a settlement cancelled here spools itself
-            await asyncio.wait(late, timeout=1.0)
-            break
+                task.cancel()
+            _, stuck = await asyncio.wait(late, timeout=1.0)
+            if stuck:
+                break
 
 
 async def _replay_briefly(spool: Spool, ledger: Ledger) -> None:

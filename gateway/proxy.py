@@ -511,7 +511,11 @@ class Proxy:
         if self.spool is None:
             log.error("settlement lost request_id=%s error=%s", bill.request_id, why)
             return
-        self.spool.add(bill)
+        try:
+            self.spool.add(bill)
+        except Exception as exc:  # the disk refused it too (full, read-only): say which request
+            log.error("settlement lost request_id=%s error=%s spool=%s", bill.request_id, why, type(exc).__name__)
+            return
         self.metrics.spooled += 1
         log.warning(
             "settlement spooled until the ledger answers request_id=%s charge_micro=%d error=%s",

@@ -142,6 +142,8 @@ async def main():
     log.warning("four")
     mark("|warned|\\n")
     log.info("five")
+    await asyncio.to_thread(log.info, "from a thread")  # another thread: written at once, after five
+    mark("|thread|\\n")
 asyncio.run(main())
 log.info("six")  # no loop running now: written at once
 mark("|after loop|\\n")
@@ -150,5 +152,6 @@ log.info("seven")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     order = [ln.split(" ", 4)[-1] if " gateway.test " in ln else ln for ln in p.stderr.splitlines()]
     assert order == [
-        "|gathered|", "one", "two", "|slept|", "three", "four", "|warned|", "five", "six", "|after loop|", "seven",
+        "|gathered|", "one", "two", "|slept|", "three", "four", "|warned|", "five", "from a thread", "|thread|",
+        "six", "|after loop|", "seven",
     ], p.stderr
