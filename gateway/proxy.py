@@ -2,19 +2,17 @@
 
 Same format on both sides: upstream bytes go to the client as they arrive and are parsed on the side
 for usage; nothing is re-encoded. Different formats: each upstream event is parsed once and fed to a
-translator that emits the client's events. Either way the bill is settled in ``finally``, shielded
-from cancellation, so a disconnect, an upstream death or a shutdown still charges what was produced
-and releases the rest.
+translator that emits the client's events. Either way the bill is settled from ``finally``
+(gateway.settlement), out of the cancellation's reach, so a disconnect, an upstream death or a
+shutdown still charges what was produced and releases the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import hmac
 import logging
-import random
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -22,19 +20,16 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ledger import errors as LE
-from ledger.ledger import Ledger, Settlement
-from ledger.spool import Spool, Spooled
+from ledger.ledger import Ledger
+from ledger.spool import Spool
 
 from . import errors as E
 from .appkeys import REQUEST_ID
 from .auth import REVOKED, KeyCache, authenticate_cached
 from .clientbody import WHOLE_BELOW_BYTES, ClientBody, parse_body
-from .exchange import Exchange, bill_for, bill_now
+from .exchange import Exchange
 from .formats import FORMATS, ClientFormat, Outgoing, ReplyContext
 from .jsonbody import check_depth, read_raw
 from .metrics import Metrics
@@ -42,14 +37,11 @@ from .models import Model, Registry
 from .rawjson import patched
 from .relay import echo_model, relay_stream
 from .settings import Settings
+from .settlement import Settlements
 
 __all__ = ["Proxy"]
 
 log = logging.getLogger("gateway.proxy")
-
-# A few quick tries (the Redis client already retries a stale connection), then the spool: a
-# settlement is never dropped, and a web process never queues minutes of retries in memory.
-SETTLE_ATTEMPTS = 3
 
 def _amount(micro: int) -> str:
     """Micro-units as currency for people: 54_000 -> '0.054', 12_500_000 -> '12.50'."""
@@ -81,12 +73,10 @@ class Proxy:
         self.ledger = ledger
         self.http = http
         self.metrics = metrics
-        self.background = background
         self.live: dict[str, str] = {}  # request_id -> account_id, for the reservation heartbeat
         # The same requests' bookkeeping, for the progress notes a process killed with -9 leaves.
         self.exchanges: dict[str, Exchange] = {}
-        # Settlements Redis did not take wait here (on disk) until it does; None: log and lose them.
-        self.spool: Spool | None = None
+        self.settlements = Settlements(ledger, metrics, background)
         self.key_cache = KeyCache()
         self._user_tags: dict[str, str] = {}
         self.timeout = aiohttp.ClientTimeout(
@@ -226,7 +216,7 @@ class Proxy:
             # connection's next request does not queue behind this one's Redis round trip. Nothing
             # tied to this handler, so a cancellation (client gone) cannot stop it; shutdown waits
             # for every pending settlement.
-            self._settle_soon(ex)
+            self.settlements.soon(ex)
 
     async def _reserve(
         self, account_id: str, key_id: str, key_hash: str, request_id: str, ceiling: int, minimum: int
@@ -251,10 +241,17 @@ class Proxy:
             self.key_cache.drop(key_hash)  # revoked since it was cached: the reserve script said so
             raise E.Unauthorized(REVOKED) from None
 
+    @property
+    def spool(self) -> Spool | None:
+        """Settlements Redis did not take wait here (on disk) until it does; None: log and lose them."""
+        return self.settlements.spool
+
+    @spool.setter
+    def spool(self, spool: Spool | None) -> None:
+        self.settlements.spool = spool
+
     def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        self.settlements.in_background(coro)
 
     async def _release_abandoned(self, account_id: str, request_id: str) -> None:
         try:
@@ -419,123 +416,3 @@ class Proxy:
             return await relay_stream(request, ex, up, translator)
         finally:
             self.metrics.active_streams -= 1
-
-    # ----- settlement -----------------------------------------------------------------------------
-    def _settle_soon(self, ex: Exchange) -> None:
-        """The common case without a task: the upstream reported its whole usage (or nothing was
-        produced), so the bill is known now, and the script lane takes the settle call at once; its
-        reply is handled in a callback. Anything else (an exact count to make, the lane not there or
-        failing) goes the awaiting way, ``_settle``, with its retries and its spool."""
-        tracker = ex.tracker
-        if ex.status == "bad_request" or (
-            (ex.produced or tracker.usage is not None) and (not tracker.complete or tracker.needs_prompt_estimate)
-        ):
-            self._in_background(self._settle(ex))
-            return
-        try:
-            bill = bill_now(ex, self.ledger.now_ms)  # no counting here: the usage is the upstream's
-            started = self.ledger.settle_started(
-                bill.account_id, bill.request_id, bill.charge_micro, metering=bill.metering
-            )
-        except Exception:
-            started = None  # (the awaiting way meets the same trouble, and logs it)
-        if started is None:
-            self._in_background(self._settle(ex))
-            return
-        self.background.add(started)
-        started.add_done_callback(functools.partial(self._settle_answered, ex, bill))
-
-    def _settle_answered(self, ex: Exchange, bill: Spooled, started: asyncio.Future[Any]) -> None:
-        self.background.discard(started)
-        if started.cancelled():
-            self._to_spool(bill, "shutdown")  # shutdown's deadline came first
-            return
-        try:
-            settlement = self.ledger.settlement_of(started.result())
-        except (RedisConnectionError, RedisTimeoutError):
-            self._in_background(self._settle_bill(ex, bill))  # retried, as the awaiting way does
-            return
-        except (LE.LedgerLost, RedisError) as exc:
-            self._to_spool(bill, type(exc).__name__)
-            return
-        except Exception:
-            # The lane could not answer (LaneUnavailable, ...): the same bill the awaiting way
-            # (idempotent on the request id), with its retries and its spool.
-            self._in_background(self._settle_bill(ex, bill))
-            return
-        self._settled(ex, bill, settlement)
-
-    async def _settle(self, ex: Exchange) -> None:
-        try:
-            if ex.status == "bad_request":
-                await self.ledger.release(ex.account_id, ex.request_id, reason="bad_request")
-                return
-            bill = await bill_for(ex, self.ledger.now_ms)
-        except asyncio.CancelledError:
-            self._to_spool(bill_now(ex, self.ledger.now_ms), "shutdown")
-            raise
-        except Exception as exc:
-            # The reservation stays; the worker releases it after its deadline. Ids only in the log.
-            log.error("settle failed request_id=%s error=%s", ex.request_id, type(exc).__name__)
-            return
-        await self._settle_bill(ex, bill)
-
-    async def _settle_bill(self, ex: Exchange, bill: Spooled) -> None:
-        try:
-            settlement = await self._settle_with_retry(bill)
-        except asyncio.CancelledError:
-            # Shutdown's deadline came first: the settlement waits on disk for the next process.
-            self._to_spool(bill, "shutdown")
-            raise
-        except (LE.LedgerLost, RedisError, OSError) as exc:
-            self._to_spool(bill, type(exc).__name__)
-            return
-        except Exception as exc:
-            log.error("settle failed request_id=%s error=%s", ex.request_id, type(exc).__name__)
-            return
-        self._settled(ex, bill, settlement)
-
-    def _settled(self, ex: Exchange, bill: Spooled, settlement: Settlement) -> None:
-        m = bill.metering
-        self.metrics.usage(
-            ex.model.name, m["input_cache_hit_tokens"], m["input_cache_miss_tokens"], m["output_tokens"],
-            settlement.charged_micro,
-        )
-        log.info(
-            "settled request_id=%s model=%s status=%s in=%d/%d out=%d charge_micro=%d shortfall_micro=%d",
-            ex.request_id, ex.model.name, ex.status, m["input_cache_hit_tokens"], m["input_cache_miss_tokens"],
-            m["output_tokens"], settlement.charged_micro, settlement.shortfall_micro,
-        )
-
-    def _to_spool(self, bill: Spooled, why: str) -> None:
-        if self.spool is None:
-            log.error("settlement lost request_id=%s error=%s", bill.request_id, why)
-            return
-        try:
-            self.spool.add(bill)
-        except Exception as exc:  # the disk refused it too (full, read-only): say which request
-            log.error("settlement lost request_id=%s error=%s spool=%s", bill.request_id, why, type(exc).__name__)
-            return
-        self.metrics.spooled += 1
-        log.warning(
-            "settlement spooled until the ledger answers request_id=%s charge_micro=%d error=%s",
-            bill.request_id, bill.charge_micro, why,
-        )
-
-    async def _settle_with_retry(self, bill: Spooled) -> Settlement:
-        """Settle is idempotent on the request id, so a Redis blip is retried (briefly, with jitter);
-        what still fails goes to the spool."""
-        delay = 0.05
-        for attempt in range(SETTLE_ATTEMPTS):
-            try:
-                return await self.ledger.settle(
-                    bill.account_id, bill.request_id, bill.charge_micro, metering=bill.metering
-                )
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                if attempt == SETTLE_ATTEMPTS - 1:
-                    raise
-                self.metrics.settle_retries += 1
-                log.warning("settle retry request_id=%s attempt=%d", bill.request_id, attempt + 1)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 1.0)
-        raise AssertionError("unreachable")
