@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -681,56 +682,64 @@ async def test_concurrent_streams_never_overdraw_and_every_charge_is_accounted(
         await gw.reconcile_ok()
 
 
+@contextlib.asynccontextmanager
+async def gateway_on_own_redis(
+    tmp_path: Path, fake: FakeUpstream, prefix: str
+) -> AsyncIterator[tuple[Gateway, RedisServer, aioredis.Redis]]:
+    """A gateway on a redis-server of its own, for tests that stop it (SIGSTOP) or kill it."""
+    server = RedisServer(tmp_path / "redis", aof=False)
+    server.start()
+    client = redis_client(server.url)
+    try:
+        async with running_gateway(client, Keyspace(prefix=prefix), tmp_path, fake) as gw:
+            yield gw, server, client
+    finally:
+        await client.aclose()
+        server.kill()
+
+
 async def test_a_client_that_leaves_while_its_reserve_waits_for_redis_holds_nothing(
     tmp_path: Path, fake: FakeUpstream
 ) -> None:
     # The reserve is sent, Redis is stopped (SIGSTOP) before it answers, the client gives up: the
     # handler is cancelled with the hold still to be made. Once Redis runs again the hold is made
     # and released at once, not left until the worker's stale sweep.
-    server = RedisServer(tmp_path / "redis", aof=False)
-    server.start()
-    client = redis_client(server.url)
-    keyspace = Keyspace(prefix="leaves")
-    try:
-        async with running_gateway(client, keyspace, tmp_path, fake) as gw:
-            key = await gw.funded_key(100)
-            account = await gw.account_of(key)
-            body = body_for("openai", "gpt-test", stream=True)
-            async with gw.http.post(gw.url + "/v1/chat/completions", json=body, headers=headers_for("openai", key)) as r:
-                assert r.status == 200  # warm: the key cached, the script lane connected
-                await r.read()
-            await gw.settled(1)
-            assert server.proc is not None
-            os.kill(server.proc.pid, signal.SIGSTOP)
-            try:
-                with pytest.raises(asyncio.TimeoutError):
-                    async with aiohttp.ClientSession() as other:
-                        await other.post(
-                            gw.url + "/v1/chat/completions",
-                            json=body,
-                            headers=headers_for("openai", key),
-                            timeout=aiohttp.ClientTimeout(total=0.5),
-                        )
-                await asyncio.sleep(0.3)  # the server sees the connection close and cancels
-            finally:
-                os.kill(server.proc.pid, signal.SIGCONT)
-            outcomes = []
-            for _ in range(100):
-                bal = await gw.ledger.balance(account)
-                outcomes = [
-                    await client.hget(k, "outcome") async for k in client.scan_iter(match="*rd:*")  # (its own Redis)
-                ]
-                if bal.reserved_micro == 0 and len(outcomes) == 2:
-                    break
-                await asyncio.sleep(0.05)
-            assert bal.reserved_micro == 0
-            assert sorted(outcomes) == ["released", "settled"]  # the second request's hold came and went
-            assert len(await gw.metering(account)) == 1  # it never reached the upstream
-            assert len(fake.requests) == 1
-            await gw.reconcile_ok()
-    finally:
-        await client.aclose()
-        server.kill()
+    async with gateway_on_own_redis(tmp_path, fake, "leaves") as (gw, server, client):
+        key = await gw.funded_key(100)
+        account = await gw.account_of(key)
+        body = body_for("openai", "gpt-test", stream=True)
+        async with gw.http.post(gw.url + "/v1/chat/completions", json=body, headers=headers_for("openai", key)) as r:
+            assert r.status == 200  # warm: the key cached, the script lane connected
+            await r.read()
+        await gw.settled(1)
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                async with aiohttp.ClientSession() as other:
+                    await other.post(
+                        gw.url + "/v1/chat/completions",
+                        json=body,
+                        headers=headers_for("openai", key),
+                        timeout=aiohttp.ClientTimeout(total=0.5),
+                    )
+            await asyncio.sleep(0.3)  # the server sees the connection close and cancels
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        outcomes = []
+        for _ in range(100):
+            bal = await gw.ledger.balance(account)
+            outcomes = [
+                await client.hget(k, "outcome") async for k in client.scan_iter(match="*rd:*")  # (its own Redis)
+            ]
+            if bal.reserved_micro == 0 and len(outcomes) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert bal.reserved_micro == 0
+        assert sorted(outcomes) == ["released", "settled"]  # the second request's hold came and went
+        assert len(await gw.metering(account)) == 1  # it never reached the upstream
+        assert len(fake.requests) == 1
+        await gw.reconcile_ok()
 
 
 async def test_a_settlement_the_script_lane_cannot_answer_is_settled_once_the_awaiting_way(
@@ -740,38 +749,31 @@ async def test_a_settlement_the_script_lane_cannot_answer_is_settled_once_the_aw
     # its reply is handled in a callback. Redis stopped (SIGSTOP) while the stream runs: the lane
     # gives up on the settle after its timeout, and the same bill goes through redis-py, which
     # waits for Redis to come back. One charge, one metering row, nothing left held.
-    server = RedisServer(tmp_path / "redis", aof=False)
-    server.start()
-    client = redis_client(server.url)
-    try:
-        async with running_gateway(client, Keyspace(prefix="lanefail"), tmp_path, fake) as gw:
-            lane = gw.ledger._scripts.lane
-            assert lane is not None
-            lane._timeout_s = 0.5
-            key = await gw.funded_key(100)
-            account = await gw.account_of(key)
-            usage = FakeUsage(input_cache_hit=0, input_cache_miss=40, output=8)
-            fake.script = Script(text="one two three four five six seven eight", text_chunks=8, chunk_delay_s=0.1, usage=usage)
-            body = body_for("openai", "gpt-test", stream=True)
-            assert server.proc is not None
-            async with gw.http.post(gw.url + "/v1/chat/completions", json=body, headers=headers_for("openai", key)) as r:
-                assert r.status == 200
-                await r.content.readany()  # held, streaming
-                os.kill(server.proc.pid, signal.SIGSTOP)
-                asyncio.get_running_loop().call_later(2.5, os.kill, server.proc.pid, signal.SIGCONT)
-                await r.read()
-            rows = await gw.settled(1, timeout=15)
-            assert len(rows) == 1 and rows[0]["status"] == "ok"
-            assert (rows[0]["input_cache_miss_tokens"], rows[0]["output_tokens"]) == (40, 8)
-            assert rows[0]["charge_micro"] == row_charge("gpt-test", rows[0]) > 0
-            bal = await gw.ledger.balance(account)
-            assert (bal.available_micro, bal.reserved_micro) == (FUNDS - rows[0]["charge_micro"], 0)
-            metrics = gw.app[METRICS]
-            assert metrics.spooled == 0  # not spooled: settled by redis-py once Redis answered
-            # (Redis ran the lane's copy too once it woke: the same request id, one charge. The
-            # process knows it settled only through the awaiting way's answer.)
-            assert metrics.tokens[(("model", "gpt-test"), ("kind", "output"))] == 8
-            await gw.reconcile_ok()
-    finally:
-        await client.aclose()
-        server.kill()
+    async with gateway_on_own_redis(tmp_path, fake, "lanefail") as (gw, server, _):
+        lane = gw.ledger._scripts.lane
+        assert lane is not None
+        lane._timeout_s = 0.5
+        key = await gw.funded_key(100)
+        account = await gw.account_of(key)
+        usage = FakeUsage(input_cache_hit=0, input_cache_miss=40, output=8)
+        fake.script = Script(text="one two three four five six seven eight", text_chunks=8, chunk_delay_s=0.1, usage=usage)
+        body = body_for("openai", "gpt-test", stream=True)
+        assert server.proc is not None
+        async with gw.http.post(gw.url + "/v1/chat/completions", json=body, headers=headers_for("openai", key)) as r:
+            assert r.status == 200
+            await r.content.readany()  # held, streaming
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            asyncio.get_running_loop().call_later(2.5, os.kill, server.proc.pid, signal.SIGCONT)
+            await r.read()
+        rows = await gw.settled(1, timeout=15)
+        assert len(rows) == 1 and rows[0]["status"] == "ok"
+        assert (rows[0]["input_cache_miss_tokens"], rows[0]["output_tokens"]) == (40, 8)
+        assert rows[0]["charge_micro"] == row_charge("gpt-test", rows[0]) > 0
+        bal = await gw.ledger.balance(account)
+        assert (bal.available_micro, bal.reserved_micro) == (FUNDS - rows[0]["charge_micro"], 0)
+        metrics = gw.app[METRICS]
+        assert metrics.spooled == 0  # not spooled: settled by redis-py once Redis answered
+        # (Redis ran the lane's copy too once it woke: the same request id, one charge. The
+        # process knows it settled only through the awaiting way's answer.)
+        assert metrics.tokens[(("model", "gpt-test"), ("kind", "output"))] == 8
+        await gw.reconcile_ok()
