@@ -10,7 +10,6 @@ import asyncio
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -30,6 +29,21 @@ from .errors import (
 )
 from .money import MAX_MICRO
 from .personal import new_account_key, seal
+from .records import (
+    TOPUP_STATUSES,
+    AccountInfo,
+    Balance,
+    BucketInfo,
+    Credit,
+    KeyInfo,
+    KeyRef,
+    NewKey,
+    Settlement,
+    Topup,
+    bucket_of,
+    decode_draws,
+    topup_of,
+)
 from .redis_client import AnyRedis
 from .scripts import Scripts
 
@@ -52,109 +66,6 @@ DEFAULT_BUCKET_LIFE_S = 30 * 24 * 3600
 MAX_LIVE_KEYS = 2
 RESERVATION_TTL_S = 300
 DONE_TTL_S = 7 * 24 * 3600
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRef:
-    account_id: str
-    key_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class NewKey:
-    key_id: str
-    key: str  # shown to the user once; never stored ("" when an earlier call made it: see created)
-    prefix: str
-    created: bool = True  # False: a retry with the same reference; the key was shown the first time
-
-
-@dataclass(frozen=True, slots=True)
-class KeyInfo:
-    key_id: str
-    prefix: str
-    created_at: int
-    last_used_at: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Credit:
-    bucket_id: str
-    amount_micro: int
-    expires_at: int
-    created: bool  # False when the reference had been credited before
-
-
-@dataclass(frozen=True, slots=True)
-class BucketInfo:
-    bucket_id: str
-    amount_micro: int
-    remaining_micro: int
-    expires_at: int
-    created_at: int
-    source: str
-    reference: str
-
-
-@dataclass(frozen=True, slots=True)
-class Balance:
-    account_id: str
-    available_micro: int
-    reserved_micro: int
-    buckets: list[BucketInfo]
-    low_balance: bool
-    low_threshold_micro: int
-
-
-@dataclass(frozen=True, slots=True)
-class AccountInfo:
-    account_id: str
-    status: str
-    email: str | None
-    created_at: int
-    credited: int
-    reserved: int
-    consumed: int
-    refunded: int
-    forfeited: int
-    low_threshold_micro: int
-
-
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    charged_micro: int
-    shortfall_micro: int
-    draws: list[tuple[str, int]] = field(default_factory=list)
-    already: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Topup:
-    """A top-up: an Omise charge on its way to a bucket. Ids, amounts, status and Omise's reason only."""
-
-    topup_id: str
-    account_id: str
-    amount_micro: int
-    amount_minor: int  # what Omise charges, in the currency's smallest unit (satang)
-    currency: str  # lower-case ISO 4217
-    method: str  # "card" or "promptpay"
-    status: str  # pending | successful | failed | expired
-    charge_id: str  # "" until Omise answered
-    failure_code: str
-    failure_message: str
-    bucket_id: str  # "" until credited
-    created_at: int
-    updated_at: int
-
-
-TOPUP_STATUSES = ("pending", "successful", "failed", "expired")
-
-
-def _decode_draws(enc: str) -> list[tuple[str, int]]:
-    out = []
-    for part in enc.split(",") if enc else ():
-        bid, _, amt = part.rpartition(":")
-        out.append((bid, int(amt)))
-    return out
 
 
 def _check_amount(micro: int, name: str = "amount") -> None:
@@ -483,7 +394,7 @@ class Ledger:
         return Settlement(
             charged_micro=int(res[1]),
             shortfall_micro=int(res[2]),
-            draws=_decode_draws(res[3]),
+            draws=decode_draws(res[3]),
             already=res[0] == "exists",
         )
 
@@ -622,7 +533,7 @@ class Ledger:
         if not topup_id.startswith("top_"):
             return None
         h = await self.redis.hgetall(pfx + "t:" + topup_id)
-        return _topup(topup_id, h) if h else None
+        return topup_of(topup_id, h) if h else None
 
     async def topups(self, account_id: str, *, limit: int = 50) -> list[Topup]:
         """The account's top-ups, newest first."""
@@ -650,7 +561,7 @@ class Ledger:
         except ValueError:
             return None
         h = await self.redis.hgetall(pfx + "b:" + bucket_id)
-        return _bucket(bucket_id, h) if h else None
+        return bucket_of(bucket_id, h) if h else None
 
     async def bucket_account(self, bucket_id: str) -> str | None:
         try:
@@ -667,7 +578,7 @@ class Ledger:
         for bid in ids:
             pipe.hgetall(pfx + "b:" + bid)
         rows = await pipe.execute() if ids else []
-        return [_bucket(bid, h) for bid, h in zip(ids, rows, strict=True) if h]
+        return [bucket_of(bid, h) for bid, h in zip(ids, rows, strict=True) if h]
 
     async def balance(self, account_id: str) -> Balance:
         info = await self.account(account_id)
@@ -685,33 +596,3 @@ class Ledger:
             low_balance=threshold > 0 and available < threshold,
             low_threshold_micro=threshold,
         )
-
-
-def _topup(topup_id: str, h: dict[str, str]) -> Topup:
-    return Topup(
-        topup_id=topup_id,
-        account_id=h["account"],
-        amount_micro=int(h["amount"]),
-        amount_minor=int(h["minor"]),
-        currency=h["currency"],
-        method=h["method"],
-        status=h["status"],
-        charge_id=h.get("charge", ""),
-        failure_code=h.get("failure_code", ""),
-        failure_message=h.get("failure_message", ""),
-        bucket_id=h.get("bucket", ""),
-        created_at=int(h["created_at"]),
-        updated_at=int(h["updated_at"]),
-    )
-
-
-def _bucket(bucket_id: str, h: dict[str, str]) -> BucketInfo:
-    return BucketInfo(
-        bucket_id=bucket_id,
-        amount_micro=int(h["amount"]),
-        remaining_micro=int(h["remaining"]),
-        expires_at=int(h["expires_at"]),
-        created_at=int(h["created_at"]),
-        source=h["source"],
-        reference=h["ref"],
-    )
