@@ -1,4 +1,5 @@
-"""Conservation checks (SPEC 8): in Redis, in SQLite, and that the two agree once the journal is drained.
+"""Conservation checks (SPEC 8): in Redis, in the history (SQLite or PostgreSQL), and that the two
+agree once the journal is drained.
 
 For every account: credited = available + reserved + consumed + refunded + forfeited, where credit
 left in a bucket past its expiry instant counts as forfeited whether or not the sweep recorded it.
@@ -169,13 +170,15 @@ async def check_redis(ledger: Ledger, *, now_ms: int | None = None) -> list[str]
 
 
 def check_sqlite(store: Store, *, now_ms: int | None = None) -> list[str]:
-    """Conservation from SQLite's totals, and the totals against the rows they summarise."""
+    """Conservation from the history's totals (SQLite or PostgreSQL, as the messages say), and the
+    totals against the rows they summarise."""
+    history = history_name(store)
     if now_ms is None:
         now_ms = int(time.time() * 1000)
     problems: list[str] = []
     snaps = sqlite_snapshot(store)
     for snap in snaps.values():
-        problems.extend(_conservation("sqlite", snap, now_ms))
+        problems.extend(_conservation(history, snap, now_ms))
     sums: dict[str, dict[str, int]] = {
         a: dict.fromkeys(("consumed", "refunded", "forfeited"), 0) for a in snaps
     }
@@ -196,12 +199,12 @@ def check_sqlite(store: Store, *, now_ms: int | None = None) -> list[str]:
     for acct, by_name in sorted(sums.items()):
         found = snaps.get(acct)
         if found is None:
-            problems.append(f"sqlite {acct}: rows for an account that has no accounts row")
+            problems.append(f"{history} {acct}: rows for an account that has no accounts row")
             continue
         for name, total in by_name.items():
             if found.counters[name] != total:
                 problems.append(
-                    f"sqlite {acct}: {name} {found.counters[name]} != sum of {rows_label[name]} {total}"
+                    f"{history} {acct}: {name} {found.counters[name]} != sum of {rows_label[name]} {total}"
                 )
     # A reservation's draws must add up to what it holds.
     for req, held, draws in store.query(
@@ -209,46 +212,52 @@ def check_sqlite(store: Store, *, now_ms: int | None = None) -> list[str]:
     ):
         drawn = sum(decode_draws(draws).values())
         if drawn != held:
-            problems.append(f"sqlite reservation {req}: draws {drawn} != held {held}")
+            problems.append(f"{history} reservation {req}: draws {drawn} != held {held}")
     return problems
 
 
 # ----- both sides -------------------------------------------------------------------------------
 
 
-def _compare(redis: dict[str, AccountSnapshot], sql: dict[str, AccountSnapshot]) -> list[str]:
+def history_name(store: Store) -> str:
+    """How the problems name the history: its engine (an operator reconciling PostgreSQL at 3 a.m.
+    should not read "sqlite")."""
+    return "postgresql" if store.postgres else "sqlite"
+
+
+def _compare(redis: dict[str, AccountSnapshot], sql: dict[str, AccountSnapshot], history: str) -> list[str]:
     problems: list[str] = []
     for acct in sorted(redis.keys() - sql.keys()):
-        problems.append(f"{acct}: in redis, not in sqlite")
+        problems.append(f"{acct}: in redis, not in {history}")
     for acct in sorted(sql.keys() - redis.keys()):
-        problems.append(f"{acct}: in sqlite, not in redis")
+        problems.append(f"{acct}: in {history}, not in redis")
     for acct in sorted(redis.keys() & sql.keys()):
         r, s = redis[acct], sql[acct]
         if r.status != s.status:
-            problems.append(f"{acct}: status redis {r.status} != sqlite {s.status}")
+            problems.append(f"{acct}: status redis {r.status} != {history} {s.status}")
         if r.low_threshold != s.low_threshold:
-            problems.append(f"{acct}: low_threshold redis {r.low_threshold} != sqlite {s.low_threshold}")
+            problems.append(f"{acct}: low_threshold redis {r.low_threshold} != {history} {s.low_threshold}")
         for name in COUNTERS:
             if r.counters[name] != s.counters[name]:
-                problems.append(f"{acct}: {name} redis {r.counters[name]} != sqlite {s.counters[name]}")
+                problems.append(f"{acct}: {name} redis {r.counters[name]} != {history} {s.counters[name]}")
         for bid in sorted(r.buckets.keys() | s.buckets.keys()):
             rb, sb = r.buckets.get(bid), s.buckets.get(bid)
             if rb is None or sb is None:
-                problems.append(f"{acct}: bucket {bid} only in {'sqlite' if rb is None else 'redis'}")
+                problems.append(f"{acct}: bucket {bid} only in {history if rb is None else 'redis'}")
             elif rb != sb:
                 problems.append(
                     f"{acct}: bucket {bid} redis amount/remaining/expires {rb[0]}/{rb[1]}/{rb[2]}"
-                    f" != sqlite {sb[0]}/{sb[1]}/{sb[2]}"
+                    f" != {history} {sb[0]}/{sb[1]}/{sb[2]}"
                 )
         if r.open_held != s.open_held:
             only_r = sorted(r.open_held.keys() - s.open_held.keys())
             only_s = sorted(s.open_held.keys() - r.open_held.keys())
             problems.append(
-                f"{acct}: open reservations differ (redis only {only_r}, sqlite only {only_s},"
-                f" held redis {sum(r.open_held.values())} sqlite {sum(s.open_held.values())})"
+                f"{acct}: open reservations differ (redis only {only_r}, {history} only {only_s},"
+                f" held redis {sum(r.open_held.values())} {history} {sum(s.open_held.values())})"
             )
         if r.live_keys != s.live_keys:
-            problems.append(f"{acct}: live keys redis {sorted(r.live_keys)} != sqlite {sorted(s.live_keys)}")
+            problems.append(f"{acct}: live keys redis {sorted(r.live_keys)} != {history} {sorted(s.live_keys)}")
     return problems
 
 
@@ -276,7 +285,7 @@ async def reconcile(ledger: Ledger, store: Store, *, drain: bool = True, attempt
         sql_snap = await asyncio.to_thread(sqlite_snapshot, store)
         problems = _redis_problems(redis_snap, now)
         problems += await asyncio.to_thread(functools.partial(check_sqlite, store, now_ms=now))
-        problems += _compare(redis_snap, sql_snap)
+        problems += _compare(redis_snap, sql_snap, history_name(store))
         accounts = len(redis_snap.keys() | sql_snap.keys())
         if not problems or not drain or attempt == attempts - 1:
             break

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ledger.ledger import Ledger
-from ledger.reconcile import check_redis, check_sqlite, drain_all, reconcile
+from ledger.reconcile import check_redis, check_sqlite, drain_all, history_name, reconcile
 from ledger.store import Store
 from tests import history
 from tests.history import history_target
@@ -71,7 +71,9 @@ async def test_red_when_a_metering_row_is_deleted(ledger: Ledger, clock, store: 
     assert (await reconcile(ledger, store)).ok
     history.execute(store.path, "DELETE FROM metering WHERE request_id = 'req_00a2'")
     problems = check_sqlite(store, now_ms=ledger.now_ms())
-    assert problems == [f"sqlite {w.active}: consumed 17000000 != sum of metering charges 3000000"]
+    h = history_name(store)  # the messages name the engine: "sqlite" or "postgresql"
+    assert problems == [f"{h} {w.active}: consumed 17000000 != sum of metering charges 3000000"]
+    assert h == ("postgresql" if store.postgres else "sqlite")
     report = await reconcile(ledger, store)
     assert not report.ok and report.problems == problems
 
@@ -81,8 +83,9 @@ async def test_red_when_sqlite_totals_or_reservations_drift(ledger: Ledger, cloc
     await drain_all(ledger, store)
     history.execute(store.path, "UPDATE account_totals SET reserved = reserved + 1 WHERE account_id = ?", (w.other,))
     report = await reconcile(ledger, store)
-    assert f"{w.other}: reserved redis 0 != sqlite 1" in report.problems
-    assert f"sqlite {w.other}: reserved 1 != held by open reservations 0" in report.problems
+    h = history_name(store)
+    assert f"{w.other}: reserved redis 0 != {h} 1" in report.problems
+    assert f"{h} {w.other}: reserved 1 != held by open reservations 0" in report.problems
 
 
 async def test_red_when_a_redis_reservation_vanishes(ledger: Ledger, clock, store: Store) -> None:
